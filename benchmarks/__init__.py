@@ -1,0 +1,1 @@
+"""Benchmark engine (installed as olmo2_fast.benchmarks)."""

@@ -1,0 +1,1 @@
+"""Triton kernels for OLMo 2 (installed as olmo2_fast.kernels)."""

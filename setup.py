@@ -1,0 +1,29 @@
+"""olmo2_fast: a custom-kernel inference runtime for AllenAI's OLMo 2.
+
+The repository keeps `kernels/` and `benchmarks/` at the top level for readers, but
+installs them as `olmo2_fast.kernels` and `olmo2_fast.benchmarks`: both bare names are
+taken on PyPI (transformers imports any top-level `kernels` it can find).
+"""
+from setuptools import setup
+
+setup(
+    name="olmo2_fast",
+    version="0.1.0",
+    description="Low-latency OLMo 2 inference with Triton kernels",
+    python_requires=">=3.10",
+    packages=["olmo2_fast", "olmo2_fast.kernels", "olmo2_fast.benchmarks"],
+    package_dir={
+        "olmo2_fast": "olmo2_fast",
+        "olmo2_fast.kernels": "kernels",
+        "olmo2_fast.benchmarks": "benchmarks",
+    },
+    install_requires=[
+        "torch>=2.4",
+        "triton>=3.2",
+        "numpy<2.3",  # triton 3.6's interpreter breaks on numpy >= 2.3
+        "safetensors>=0.4",
+        "tokenizers>=0.19",
+    ],
+    extras_require={"test": ["pytest>=7", "pytest-benchmark>=4"], "hub": ["huggingface_hub"]},
+    entry_points={"console_scripts": ["olmo2-fast=olmo2_fast.cli:main"]},
+)
