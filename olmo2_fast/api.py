@@ -1,0 +1,203 @@
+"""The public API: `OLMo2.from_pretrained(path)`, `model(input_ids)`, `generate`, `stream`."""
+from __future__ import annotations
+
+import logging
+from pathlib import Path
+from typing import Iterator, Sequence
+
+import torch
+
+from .cache import KVCache, cache_bytes
+from .checkpoint import CONFIG_FILE, iter_checkpoint, parse_dtype, resolve_checkpoint
+from .config import Olmo2Config
+from .errors import CheckpointError, GenerationError
+from .generate import run_generation
+from .reference import Olmo2Reference, rope_inv_freq
+from .sampling import SamplingParams
+from .tokenizer import Tokenizer
+
+logger = logging.getLogger("olmo2_fast")
+
+BACKENDS = ("auto", "torch")
+SEQ_ROUNDING = 256  # the cache grows in steps of this many positions
+
+
+def resolve_device(device) -> torch.device:
+    if device is None:
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    try:
+        device = torch.device(device)
+    except (RuntimeError, TypeError):
+        raise CheckpointError(f"unknown device {device!r}: use 'cpu' or 'cuda'") from None
+    if device.type == "cuda" and not torch.cuda.is_available():
+        raise CheckpointError("device='cuda' was requested, but CUDA is not available in this PyTorch "
+                              f"(torch {torch.__version__}); use device='cpu'")
+    if device.type not in ("cpu", "cuda"):
+        raise CheckpointError(f"unsupported device {device}: use 'cpu' or 'cuda'")
+    return device
+
+
+class OLMo2:
+    """An OLMo 2 checkpoint ready to run: model, tokenizer and a static KV cache."""
+
+    def __init__(self, engine, tokenizer: Tokenizer, config: Olmo2Config, device: torch.device, dtype: torch.dtype,
+                 backend: str, max_batch_size: int | None = None, max_seq_len: int | None = None):
+        self.engine, self.tokenizer, self.config = engine, tokenizer, config
+        self.device, self.dtype, self.backend = device, dtype, backend
+        self._cache: KVCache | None = None
+        self._fixed_cache = max_batch_size is not None or max_seq_len is not None
+        if self._fixed_cache:
+            self._allocate_cache(max_batch_size or 1, max_seq_len or config.max_position_embeddings)
+
+    @classmethod
+    def from_pretrained(cls, path: str | Path, *, device=None, dtype=None, backend: str = "auto",
+                        quantize: str | None = None, revision: str | None = None,
+                        max_batch_size: int | None = None, max_seq_len: int | None = None,
+                        progress: bool | None = None) -> "OLMo2":
+        """Load a Hugging Face OLMo 2 checkpoint (local directory, or hub id with huggingface_hub).
+
+        device: "cpu" / "cuda" (default: cuda when available). dtype: bfloat16 / float32 /
+        float16 (default: bfloat16 on CUDA, float32 on CPU). backend: "auto" or "torch".
+        max_batch_size / max_seq_len: preallocate the KV cache (default: grown to fit each request).
+        progress: progress bar over tensors (default: when stderr is a terminal).
+        """
+        if backend not in BACKENDS:
+            raise CheckpointError(f"unknown backend {backend!r}; choose one of {', '.join(BACKENDS)}")
+        if quantize is not None:
+            raise CheckpointError(f"unsupported quantize={quantize!r}: weights load unquantised (quantize=None)")
+        device = resolve_device(device)
+        dtype = parse_dtype(dtype if dtype is not None else ("bfloat16" if device.type == "cuda" else "float32"))
+        if dtype == torch.float16:
+            logger.warning("OLMo 2 overflows in float16 (NaN / '!!!!' output); prefer bfloat16 or float32")
+        directory = resolve_checkpoint(path, revision)
+        config = Olmo2Config.from_json_file(directory / CONFIG_FILE)
+        tokenizer = Tokenizer(directory, config)
+        with torch.device("meta"):
+            engine = Olmo2Reference(config)
+        state = dict(iter_checkpoint(directory, config, dtype, device, progress))
+        if config.tie_word_embeddings:
+            state.pop("lm_head.weight", None)
+        engine.load_state_dict(state, strict=True, assign=True)
+        engine.inv_freq = rope_inv_freq(config.head_dim, config.rope_theta, config.rope_scaling_factor).to(device)
+        engine.eval()
+        return cls(engine, tokenizer, config, device, dtype, "torch", max_batch_size, max_seq_len)
+
+    # ------------------------------------------------------------------ logits
+
+    def __call__(self, input_ids) -> torch.Tensor:
+        """input_ids (batch, seq) or (seq,) ints -> logits (batch, seq, vocab), full recomputation."""
+        ids = torch.as_tensor(input_ids, device=self.device)
+        if ids.dim() == 1:
+            ids = ids[None]
+        if ids.dim() != 2 or ids.shape[1] == 0 or ids.dtype.is_floating_point or ids.dtype == torch.bool:
+            raise GenerationError(f"input_ids must be integer ids of shape (batch, seq) with seq >= 1, got "
+                                  f"{tuple(ids.shape)} {ids.dtype}")
+        self._check_length(ids.shape[1])
+        if ids.min() < 0 or ids.max() >= self.config.vocab_size:
+            raise GenerationError(f"token ids must lie in [0, {self.config.vocab_size}), got "
+                                  f"[{ids.min().item()}, {ids.max().item()}]")
+        return self.engine(ids.long())
+
+    # ------------------------------------------------------------------ generation
+
+    def generate(self, prompt, max_new_tokens: int = 64, temperature: float = 0.0, top_k: int | None = None,
+                 top_p: float | None = None, seed: int | None = None, stop: str | Sequence[str] | None = None, *,
+                 min_p: float | None = None, repetition_penalty: float = 1.0):
+        """Complete a prompt (str -> completion text; list[int] -> new token ids) or a list of prompts.
+
+        Greedy by default; with temperature > 0, `seed` makes sampling reproducible (each
+        prompt of a batch gets seed + its index). Generation stops at an EOS id of the
+        checkpoint, at any `stop` string (excluded from the text), after `max_new_tokens`,
+        or at the end of the model's context.
+        """
+        prompts, single, as_text = self._parse_prompts(prompt)
+        for states in self._run(prompts, max_new_tokens, temperature, top_k, top_p, min_p, repetition_penalty, seed,
+                                stop):
+            pass  # run to completion; `states` holds the final state of every sequence
+        results = [s.text if as_text else list(s.ids) for s in states]
+        return results[0] if single else results
+
+    def stream(self, prompt, max_new_tokens: int = 64, temperature: float = 0.0, top_k: int | None = None,
+               top_p: float | None = None, seed: int | None = None, stop: str | Sequence[str] | None = None, *,
+               min_p: float | None = None, repetition_penalty: float = 1.0) -> Iterator[str]:
+        """Yield the completion of one prompt as text pieces, whole characters only, as they are decoded."""
+        prompts, single, _ = self._parse_prompts(prompt)
+        if not single:
+            raise GenerationError("stream() takes one prompt; use generate() for a batch")
+        for states in self._run(prompts, max_new_tokens, temperature, top_k, top_p, min_p, repetition_penalty,
+                                seed, stop):
+            piece = states[0].pending_text()
+            if piece:
+                yield piece
+
+    def _run(self, prompts, max_new_tokens, temperature, top_k, top_p, min_p, repetition_penalty, seed, stop):
+        if isinstance(max_new_tokens, bool) or not isinstance(max_new_tokens, int) or max_new_tokens < 1:
+            raise GenerationError(f"max_new_tokens must be an integer >= 1, got {max_new_tokens!r}")
+        params = SamplingParams(temperature, top_k, top_p, min_p, repetition_penalty)
+        stop = (stop,) if isinstance(stop, str) else tuple(stop or ())
+        if any(not isinstance(s, str) or not s for s in stop):
+            raise GenerationError(f"stop must be a non-empty string or a list of them, got {stop!r}")
+        for p in prompts:
+            self._check_length(len(p))
+        # The last new token never enters the cache: a prompt of P tokens with N new ones needs P + N - 1 positions.
+        room = self.config.max_position_embeddings - max(len(p) for p in prompts) + 1
+        max_new_tokens = min(max_new_tokens, room)
+        cache = self._cache_for(len(prompts), max(len(p) for p in prompts) + max_new_tokens - 1)
+        seeds = [None if seed is None else seed + i for i in range(len(prompts))]
+        yield from run_generation(self.engine, cache, self.tokenizer, prompts, max_new_tokens=max_new_tokens,
+                                  params=params, seeds=seeds, stop=stop)
+
+    def _parse_prompts(self, prompt) -> tuple[list[list[int]], bool, bool]:
+        """-> (token id lists, whether a single prompt was given, whether results are text)."""
+        def ids_of(p) -> tuple[list[int], bool]:
+            if isinstance(p, str):
+                ids = self.tokenizer.encode(p)
+                if not ids:
+                    fallback = self.tokenizer.bos_id if self.tokenizer.bos_id is not None else (
+                        self.tokenizer.eos_ids[0] if self.tokenizer.eos_ids else None)
+                    if fallback is None:
+                        raise GenerationError("empty prompt, and the tokenizer has no BOS/EOS token to start from")
+                    ids = [fallback]
+                return ids, True
+            if isinstance(p, (list, tuple)) and p and all(isinstance(t, int) and not isinstance(t, bool) for t in p):
+                bad = [t for t in p if not 0 <= t < self.config.vocab_size]
+                if bad:
+                    raise GenerationError(f"prompt token ids must lie in [0, {self.config.vocab_size}), got {bad[:5]}")
+                return list(p), False
+            raise GenerationError("a prompt must be a str or a non-empty list of int token ids, got "
+                                  f"{type(p).__name__}: {str(p)[:60]!r}")
+
+        if isinstance(prompt, (list, tuple)) and prompt and all(isinstance(p, (str, list, tuple)) for p in prompt):
+            parsed = [ids_of(p) for p in prompt]
+            kinds = {text for _, text in parsed}
+            if len(kinds) > 1:
+                raise GenerationError("a batch of prompts must be all strings or all token id lists")
+            return [ids for ids, _ in parsed], False, kinds.pop()
+        ids, as_text = ids_of(prompt)
+        return [ids], True, as_text
+
+    def _check_length(self, length: int):
+        if length > self.config.max_position_embeddings:
+            raise GenerationError(f"prompt of {length} tokens is longer than the model's context of "
+                                  f"{self.config.max_position_embeddings} positions")
+
+    # ------------------------------------------------------------------ cache
+
+    def _cache_for(self, batch: int, seq: int) -> KVCache:
+        cache = self._cache
+        if cache is not None and batch <= cache.max_batch and seq <= cache.max_seq:
+            return cache
+        if self._fixed_cache:
+            raise GenerationError(f"request needs a KV cache of batch {batch} x {seq} positions, but the model was "
+                                  f"loaded with max_batch_size={cache.max_batch}, max_seq_len={cache.max_seq}")
+        seq = min(-(-seq // SEQ_ROUNDING) * SEQ_ROUNDING, self.config.max_position_embeddings)
+        if cache is not None:
+            batch, seq = max(batch, cache.max_batch), max(seq, cache.max_seq)
+        self._cache = None  # release the old cache before allocating the larger one
+        return self._allocate_cache(batch, seq)
+
+    def _allocate_cache(self, batch: int, seq: int) -> KVCache:
+        logger.info("allocating KV cache: batch %d x %d positions, %.1f MiB", batch, seq,
+                    cache_bytes(self.config, batch, seq, self.dtype) / 2**20)
+        self._cache = KVCache(self.config, batch, seq, self.dtype, self.device)
+        return self._cache

@@ -1,0 +1,181 @@
+"""Hugging Face OLMo 2 checkpoints: the name map, strict checks, loading and writing.
+
+A checkpoint directory holds `config.json`, the weights as `model.safetensors` or as
+shards listed in `model.safetensors.index.json`, and `tokenizer.json`. Tensors are read
+one at a time and converted to the target dtype and device as they arrive, so a float32
+checkpoint loads into bf16 without ever holding a float32 copy of the model.
+"""
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Iterator
+
+import torch
+from safetensors import SafetensorError, safe_open
+from safetensors.torch import save_file
+
+from .config import Olmo2Config
+from .errors import CheckpointError
+from .progress import Progress
+
+WEIGHTS_FILE = "model.safetensors"
+INDEX_FILE = "model.safetensors.index.json"
+CONFIG_FILE = "config.json"
+LOADABLE_DTYPES = (torch.float32, torch.bfloat16, torch.float16)
+DTYPE_NAMES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16,
+               "fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
+
+
+def parse_dtype(dtype) -> torch.dtype:
+    if isinstance(dtype, torch.dtype) and dtype in LOADABLE_DTYPES:
+        return dtype
+    if isinstance(dtype, str) and dtype in DTYPE_NAMES:
+        return DTYPE_NAMES[dtype]
+    raise CheckpointError(f"unsupported dtype {dtype!r}: choose float32, bfloat16 or float16")
+
+
+def expected_shapes(config: Olmo2Config) -> dict[str, tuple[int, ...]]:
+    """Every tensor an OLMo 2 checkpoint must hold, by its Hugging Face name."""
+    h, i = config.hidden_size, config.intermediate_size
+    shapes = {"model.embed_tokens.weight": (config.vocab_size, h), "model.norm.weight": (h,)}
+    if not config.tie_word_embeddings:
+        shapes["lm_head.weight"] = (config.vocab_size, h)
+    for layer in range(config.num_hidden_layers):
+        p = f"model.layers.{layer}."
+        shapes.update({
+            p + "self_attn.q_proj.weight": (config.q_width, h),
+            p + "self_attn.k_proj.weight": (config.kv_width, h),
+            p + "self_attn.v_proj.weight": (config.kv_width, h),
+            p + "self_attn.o_proj.weight": (h, config.q_width),
+            p + "self_attn.q_norm.weight": (config.q_width,),
+            p + "self_attn.k_norm.weight": (config.kv_width,),
+            p + "mlp.gate_proj.weight": (i, h),
+            p + "mlp.up_proj.weight": (i, h),
+            p + "mlp.down_proj.weight": (h, i),
+            p + "post_attention_layernorm.weight": (h,),
+            p + "post_feedforward_layernorm.weight": (h,),
+        })
+    return shapes
+
+
+def resolve_checkpoint(path: str | Path, revision: str | None = None) -> Path:
+    """A local directory as is; otherwise a Hugging Face hub id, fetched with huggingface_hub."""
+    local = Path(path).expanduser()
+    if local.is_dir():
+        return local
+    if local.exists():
+        raise CheckpointError(f"{local} is a file; pass the checkpoint directory that holds config.json")
+    text = str(path)
+    looks_like_hub_id = text.count("/") == 1 and not text.startswith((".", "/", "~"))
+    if not looks_like_hub_id:
+        raise CheckpointError(f"checkpoint directory not found: {local}")
+    try:
+        from huggingface_hub import snapshot_download
+    except ImportError:
+        raise CheckpointError(f"{text!r} is not a local directory, and huggingface_hub is not installed to fetch "
+                              "it from the hub (pip install huggingface_hub), or pass a local directory") from None
+    try:
+        return Path(snapshot_download(text, revision=revision, allow_patterns=[
+            "*.json", "*.safetensors", "tokenizer*"]))
+    except Exception as e:  # the hub raises many types (offline, 404, gated, auth): report them all plainly
+        raise CheckpointError(f"could not fetch {text!r} (revision {revision or 'main'}) from the Hugging Face hub: "
+                              f"{type(e).__name__}: {e}. If you are offline, pass a local checkpoint "
+                              "directory") from None
+
+
+def weight_files(directory: Path) -> dict[str, Path]:
+    """Tensor name -> the safetensors file that holds it, per the index or the single file."""
+    index = directory / INDEX_FILE
+    single = directory / WEIGHTS_FILE
+    if index.is_file():
+        try:
+            weight_map = json.loads(index.read_text())["weight_map"]
+        except (json.JSONDecodeError, KeyError, TypeError) as e:
+            raise CheckpointError(f"{index} is not a valid safetensors index (needs a 'weight_map'): {e}") from None
+        files = {name: directory / shard for name, shard in weight_map.items()}
+        missing = sorted({str(f.name) for f in files.values() if not f.is_file()})
+        if missing:
+            raise CheckpointError(f"{index} lists shard(s) that are not in {directory}: {', '.join(missing)}")
+        return files
+    if single.is_file():
+        try:
+            with safe_open(single, framework="pt") as f:
+                return {name: single for name in f.keys()}
+        except (SafetensorError, OSError) as e:
+            raise CheckpointError(f"{single} is not a readable safetensors file: {e}") from None
+    others = sorted(p.name for p in directory.glob("*.bin")) + sorted(p.name for p in directory.glob("*.pt"))
+    hint = f" (found {', '.join(others)}: only safetensors is supported)" if others else ""
+    raise CheckpointError(f"no weights in {directory}: expected {WEIGHTS_FILE} or {INDEX_FILE}{hint}")
+
+
+def iter_checkpoint(directory: Path, config: Olmo2Config, dtype: torch.dtype, device,
+                    progress: bool | None = None) -> Iterator[tuple[str, torch.Tensor]]:
+    """Yield (name, tensor) converted to `dtype` on `device`, one tensor at a time, after strict checks.
+
+    Name checks happen before any tensor is read, so a wrong checkpoint fails fast.
+    """
+    expected = expected_shapes(config)
+    files = weight_files(directory)
+    optional = {"lm_head.weight"} if config.tie_word_embeddings else set()  # tied: extra copy allowed, ignored
+    missing = sorted(set(expected) - set(files))
+    unexpected = sorted(set(files) - set(expected) - optional)
+    if missing or unexpected:
+        parts = []
+        if missing:
+            parts.append(f"missing {len(missing)} tensor(s): {_names(missing)}")
+        if unexpected:
+            parts.append(f"unexpected {len(unexpected)} tensor(s): {_names(unexpected)}")
+        raise CheckpointError(f"checkpoint {directory} does not match its config.json ({config.num_hidden_layers} "
+                              f"layers, tie_word_embeddings={config.tie_word_embeddings}): " + "; ".join(parts))
+    by_file: dict[Path, list[str]] = {}
+    for name in expected:
+        by_file.setdefault(files[name], []).append(name)
+    bar = Progress(len(expected), "loading weights", enabled=progress)
+    try:
+        for path, names in by_file.items():
+            with safe_open(path, framework="pt", device="cpu") as f:
+                for name in names:
+                    tensor = f.get_tensor(name)
+                    if tuple(tensor.shape) != expected[name]:
+                        raise CheckpointError(f"tensor {name} in {path.name} has shape {tuple(tensor.shape)}, "
+                                              f"expected {expected[name]} from config.json")
+                    if tensor.dtype not in LOADABLE_DTYPES:
+                        raise CheckpointError(f"tensor {name} in {path.name} has dtype {tensor.dtype}; supported: "
+                                              "float32, bfloat16, float16")
+                    yield name, tensor.to(device=device, dtype=dtype)
+                    bar.advance()
+    except SafetensorError as e:
+        raise CheckpointError(f"could not read {path}: {e}") from None
+    finally:
+        bar.close()
+
+
+def _names(names: list[str], limit: int = 6) -> str:
+    shown = ", ".join(names[:limit])
+    return shown + (f", ... ({len(names) - limit} more)" if len(names) > limit else "")
+
+
+def save_checkpoint(directory: str | Path, config: Olmo2Config, tensors: dict[str, torch.Tensor],
+                    num_shards: int = 1) -> Path:
+    """Write config.json and the tensors in the Hugging Face layout (one file, or shards plus an index)."""
+    directory = Path(directory)
+    directory.mkdir(parents=True, exist_ok=True)
+    (directory / CONFIG_FILE).write_text(json.dumps(config.to_hf_dict(), indent=2) + "\n")
+    tensors = {name: t.detach().contiguous().cpu() for name, t in tensors.items()}
+    metadata = {"format": "pt"}
+    if num_shards == 1:
+        save_file(tensors, directory / WEIGHTS_FILE, metadata=metadata)
+        return directory
+    names = list(tensors)
+    per_shard = -(-len(names) // num_shards)
+    weight_map = {}
+    for shard in range(num_shards):
+        shard_name = f"model-{shard + 1:05d}-of-{num_shards:05d}.safetensors"
+        chunk = {n: tensors[n] for n in names[shard * per_shard:(shard + 1) * per_shard]}
+        save_file(chunk, directory / shard_name, metadata=metadata)
+        weight_map.update({n: shard_name for n in chunk})
+    total = sum(t.numel() * t.element_size() for t in tensors.values())
+    (directory / INDEX_FILE).write_text(json.dumps({"metadata": {"total_size": total}, "weight_map": weight_map},
+                                                   indent=2) + "\n")
+    return directory

@@ -1,0 +1,75 @@
+"""`olmo2-fast` / `python -m olmo2_fast`: generate text from the command line."""
+from __future__ import annotations
+
+import argparse
+import sys
+
+from .errors import Olmo2Error
+
+
+def _add_model_args(parser: argparse.ArgumentParser):
+    parser.add_argument("--model", help="checkpoint directory or hub id (default: the built-in random-weight demo)")
+    parser.add_argument("--revision", help="hub revision (branch, tag or commit), e.g. an intermediate checkpoint")
+    parser.add_argument("--device", help="cpu or cuda (default: cuda when available)")
+    parser.add_argument("--dtype", help="bfloat16, float32 or float16 (default: bfloat16 on CUDA, float32 on CPU)")
+    parser.add_argument("--backend", default="auto", help="auto or torch (default: auto)")
+
+
+def _add_sampling_args(parser: argparse.ArgumentParser):
+    parser.add_argument("--max-new-tokens", type=int, default=64)
+    parser.add_argument("--temperature", type=float, default=0.0, help="0 = greedy (default)")
+    parser.add_argument("--top-k", type=int)
+    parser.add_argument("--top-p", type=float)
+    parser.add_argument("--min-p", type=float)
+    parser.add_argument("--repetition-penalty", type=float, default=1.0)
+    parser.add_argument("--seed", type=int)
+    parser.add_argument("--stop", action="append", help="stop string (repeatable)")
+
+
+def _load(args):
+    from .api import OLMo2
+    from .demo import demo_checkpoint
+
+    path = args.model
+    if path is None:
+        path = demo_checkpoint()
+        print(f"[olmo2-fast] no --model given: using the built-in demo checkpoint at {path} "
+              "(tiny, RANDOM weights: the text is gibberish; pass --model PATH for a real OLMo 2)", file=sys.stderr)
+    model = OLMo2.from_pretrained(path, device=args.device, dtype=args.dtype, backend=args.backend,
+                                  revision=args.revision)
+    print(f"[olmo2-fast] {model.config.num_hidden_layers} layers, hidden {model.config.hidden_size}, "
+          f"{model.dtype} on {model.device}, backend {model.backend}", file=sys.stderr)
+    return model
+
+
+def cmd_generate(args) -> int:
+    model = _load(args)
+    for piece in model.stream(args.prompt, max_new_tokens=args.max_new_tokens, temperature=args.temperature,
+                              top_k=args.top_k, top_p=args.top_p, seed=args.seed, stop=args.stop,
+                              min_p=args.min_p, repetition_penalty=args.repetition_penalty):
+        sys.stdout.write(piece)
+        sys.stdout.flush()
+    sys.stdout.write("\n")
+    return 0
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="olmo2-fast", description="Low-latency OLMo 2 inference")
+    commands = parser.add_subparsers(dest="command", required=True)
+    generate = commands.add_parser("generate", help="complete a prompt, streaming to the terminal")
+    generate.add_argument("prompt", nargs="?", default="The capital of France is")
+    _add_model_args(generate)
+    _add_sampling_args(generate)
+    generate.set_defaults(func=cmd_generate)
+    return parser
+
+
+def main(argv=None) -> int:
+    args = build_parser().parse_args(argv)
+    try:
+        return args.func(args)
+    except Olmo2Error as e:
+        print(f"olmo2-fast: error: {e}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        return 130

@@ -1,0 +1,190 @@
+"""Plain-PyTorch OLMo 2: the oracle every kernel and the fast model are tested against,
+and the CPU backend. Depends on nothing but torch.
+
+OLMo 2's quirks, as Hugging Face transformers computes them (after its May 2025 change):
+  * no pre-norm: `h = x + post_attention_layernorm(attn(x))`, `out = h + post_feedforward_layernorm(mlp(h))`;
+  * q_norm / k_norm are RMSNorms over the WHOLE projection (all heads at once), before
+    the split into heads; RoPE comes after them; the cache stores k after norm and RoPE;
+  * RMSNorm multiplies its weight in float32 and casts once: `(w * x32 * rsqrt(...)).to(dtype)`;
+  * RoPE is non-interleaved ("rotate half"), cos/sin and the products in float32;
+  * no biases; untied lm_head in every release (tied supported); GQA when
+    num_key_value_heads < num_attention_heads.
+
+Parameter names equal the Hugging Face checkpoint keys, so a checkpoint loads with
+`load_state_dict(..., assign=True)` and no name map.
+"""
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from .cache import KVCache, StepBatch
+from .config import Olmo2Config
+
+
+def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
+    x32 = x.float()
+    y = x32 * torch.rsqrt(x32.pow(2).mean(-1, keepdim=True) + eps)
+    return (weight * y).to(x.dtype)
+
+
+def rope_inv_freq(head_dim: int, theta: float, scaling_factor: float = 1.0) -> torch.Tensor:
+    """float32 [head_dim/2]; linear scaling divides the frequencies (i.e. the positions) by the factor."""
+    inv_freq = 1.0 / (theta ** (torch.arange(0, head_dim, 2, dtype=torch.float) / head_dim))
+    return inv_freq / scaling_factor
+
+
+def rope_cos_sin(positions: torch.Tensor, inv_freq: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """float32 cos, sin of shape positions.shape + [head_dim]."""
+    freqs = positions[..., None].float() * inv_freq.to(positions.device)
+    emb = torch.cat((freqs, freqs), dim=-1)
+    return emb.cos(), emb.sin()
+
+
+def rotate_half(x: torch.Tensor) -> torch.Tensor:
+    half = x.shape[-1] // 2
+    return torch.cat((-x[..., half:], x[..., :half]), dim=-1)
+
+
+def apply_rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
+    """x (..., T, H, D) or any shape whose last dim is D, cos/sin broadcastable; products in float32."""
+    return (x * cos + rotate_half(x) * sin).to(x.dtype)
+
+
+def causal_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, q_positions: torch.Tensor) -> torch.Tensor:
+    """q (Tq, Hq, D); k, v (Hkv, Tk, D) for key positions 0..Tk-1; q_positions (Tq,).
+
+    Query i sees keys j <= q_positions[i]. GQA: query head h reads KV head h // group.
+    Scores and softmax in float32; returns (Tq, Hq, D) in q's dtype.
+    """
+    n_q_heads, n_kv_heads, head_dim = q.shape[1], k.shape[0], q.shape[2]
+    group = n_q_heads // n_kv_heads
+    qf = q.float().transpose(0, 1)                                     # (Hq, Tq, D)
+    kf = k.float().repeat_interleave(group, dim=0)                     # (Hq, Tk, D)
+    vf = v.float().repeat_interleave(group, dim=0)
+    scores = qf @ kf.transpose(1, 2) * head_dim ** -0.5                # (Hq, Tq, Tk)
+    key_pos = torch.arange(k.shape[1], device=q.device)
+    visible = key_pos[None, :] <= q_positions[:, None].to(q.device)    # (Tq, Tk)
+    scores = scores.masked_fill(~visible, float("-inf"))
+    return (scores.softmax(-1) @ vf).transpose(0, 1).to(q.dtype)       # (Tq, Hq, D)
+
+
+class Olmo2Attention(nn.Module):
+    def __init__(self, config: Olmo2Config):
+        super().__init__()
+        h, d = config.hidden_size, config.head_dim
+        self.q_proj = nn.Linear(h, config.q_width, bias=False)
+        self.k_proj = nn.Linear(h, config.kv_width, bias=False)
+        self.v_proj = nn.Linear(h, config.kv_width, bias=False)
+        self.o_proj = nn.Linear(config.q_width, h, bias=False)
+        self.q_norm = RMSNorm(config.q_width, config.rms_norm_eps)
+        self.k_norm = RMSNorm(config.kv_width, config.rms_norm_eps)
+        self.head_dim = d
+
+    def project(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor):
+        """x (..., T, hidden) -> q (..., T, Hq, D), k and v (..., T, Hkv, D); q and k normed and roped."""
+        shape = (*x.shape[:-1], -1, self.head_dim)
+        q = self.q_norm(self.q_proj(x)).view(shape)
+        k = self.k_norm(self.k_proj(x)).view(shape)
+        v = self.v_proj(x).view(shape)
+        cos, sin = cos.unsqueeze(-2), sin.unsqueeze(-2)  # broadcast over heads
+        return apply_rope(q, cos, sin), apply_rope(k, cos, sin), v
+
+
+class RMSNorm(nn.Module):
+    def __init__(self, width: int, eps: float):
+        super().__init__()
+        self.weight = nn.Parameter(torch.ones(width))
+        self.eps = eps
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return rms_norm(x, self.weight, self.eps)
+
+
+class Olmo2MLP(nn.Module):
+    def __init__(self, config: Olmo2Config):
+        super().__init__()
+        self.gate_proj = nn.Linear(config.hidden_size, config.intermediate_size, bias=False)
+        self.up_proj = nn.Linear(config.hidden_size, config.intermediate_size, bias=False)
+        self.down_proj = nn.Linear(config.intermediate_size, config.hidden_size, bias=False)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.down_proj(F.silu(self.gate_proj(x)) * self.up_proj(x))
+
+
+class Olmo2Layer(nn.Module):
+    def __init__(self, config: Olmo2Config):
+        super().__init__()
+        self.self_attn = Olmo2Attention(config)
+        self.mlp = Olmo2MLP(config)
+        self.post_attention_layernorm = RMSNorm(config.hidden_size, config.rms_norm_eps)
+        self.post_feedforward_layernorm = RMSNorm(config.hidden_size, config.rms_norm_eps)
+
+    def finish(self, x: torch.Tensor, attn_out: torch.Tensor) -> torch.Tensor:
+        """The block after attention: o_proj, both post-norms and residuals."""
+        h = x + self.post_attention_layernorm(self.self_attn.o_proj(attn_out))
+        return h + self.post_feedforward_layernorm(self.mlp(h))
+
+
+class Olmo2Reference(nn.Module):
+    """OLMo 2 for causal LM, in plain PyTorch.
+
+    `forward(input_ids)` recomputes a whole batch of equal-length sequences;
+    `step(batch, cache)` runs packed tokens of several sequences against a KV cache
+    (prefill chunks and decode steps), the interface the generation loop drives.
+    """
+
+    def __init__(self, config: Olmo2Config):
+        super().__init__()
+        self.config = config
+        self.model = nn.Module()
+        self.model.embed_tokens = nn.Embedding(config.vocab_size, config.hidden_size)
+        self.model.layers = nn.ModuleList(Olmo2Layer(config) for _ in range(config.num_hidden_layers))
+        self.model.norm = RMSNorm(config.hidden_size, config.rms_norm_eps)
+        if not config.tie_word_embeddings:
+            self.lm_head = nn.Linear(config.hidden_size, config.vocab_size, bias=False)
+        self.register_buffer("inv_freq", rope_inv_freq(config.head_dim, config.rope_theta,
+                                                       config.rope_scaling_factor), persistent=False)
+
+    def lm_head_weight(self) -> torch.Tensor:
+        return self.model.embed_tokens.weight if self.config.tie_word_embeddings else self.lm_head.weight
+
+    def logits(self, h: torch.Tensor) -> torch.Tensor:
+        return F.linear(self.model.norm(h), self.lm_head_weight())
+
+    @torch.inference_mode()
+    def forward(self, input_ids: torch.Tensor) -> torch.Tensor:
+        """input_ids (B, T) -> logits (B, T, vocab), full causal recomputation, no cache."""
+        batch, seq = input_ids.shape
+        positions = torch.arange(seq, device=input_ids.device)
+        cos, sin = rope_cos_sin(positions, self.inv_freq)                # (T, D)
+        x = self.model.embed_tokens(input_ids)                           # (B, T, hidden)
+        for layer in self.model.layers:
+            q, k, v = layer.self_attn.project(x, cos, sin)               # (B, T, H, D)
+            attn = torch.stack([causal_attention(q[b], k[b].transpose(0, 1), v[b].transpose(0, 1), positions)
+                                for b in range(batch)])                  # (B, T, Hq, D)
+            x = layer.finish(x, attn.flatten(-2))
+        return self.logits(x)
+
+    @torch.inference_mode()
+    def step(self, batch: StepBatch, cache: KVCache) -> torch.Tensor:
+        """Packed tokens (T,) of B sequences -> logits (B, vocab) of each sequence's last token.
+
+        Writes each token's k (normed, roped) and v into cache row `seq_ids[t]` at
+        `positions[t]`, then attends each sequence's queries to its cached keys.
+        """
+        cos, sin = rope_cos_sin(batch.positions, self.inv_freq)          # (T, D)
+        x = self.model.embed_tokens(batch.input_ids)                     # (T, hidden)
+        seq_ids, positions = batch.seq_ids.long(), batch.positions.long()
+        for index, layer in enumerate(self.model.layers):
+            k_cache, v_cache = cache.layer(index)                        # (B, Hkv, S, D)
+            q, k, v = layer.self_attn.project(x, cos, sin)               # (T, H, D)
+            k_cache[seq_ids, :, positions] = k
+            v_cache[seq_ids, :, positions] = v
+            attn = torch.empty_like(q)
+            for b, (start, end, kv_len) in enumerate(batch.host_segments):
+                attn[start:end] = causal_attention(q[start:end], k_cache[b, :, :kv_len], v_cache[b, :, :kv_len],
+                                                   batch.positions[start:end])
+            x = layer.finish(x, attn.flatten(-2))
+        return self.logits(x[batch.last_token_rows])

@@ -1,0 +1,81 @@
+"""Next-token selection on the logits' device: greedy, temperature, top-k, top-p, min-p and
+repetition penalty. The only value that leaves the device is the chosen id.
+
+Sampling draws with the exponential race (argmax of p_i / E_i, E_i ~ Exp(1)), which picks
+i with probability p_i and needs one random draw per logit from a per-sequence
+torch.Generator, so each request's seed reproduces its tokens whatever it is batched with.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+
+from .errors import GenerationError
+
+
+@dataclass(frozen=True)
+class SamplingParams:
+    temperature: float = 0.0          # 0 = greedy
+    top_k: int | None = None          # keep the k most likely tokens
+    top_p: float | None = None        # keep the smallest set whose probability reaches p
+    min_p: float | None = None        # drop tokens below min_p x the top probability
+    repetition_penalty: float = 1.0   # > 1 discourages tokens already in the prompt or output (CTRL / HF rule)
+
+    def __post_init__(self):
+        if not (isinstance(self.temperature, (int, float)) and self.temperature >= 0):
+            raise GenerationError(f"temperature must be >= 0, got {self.temperature!r}")
+        if self.top_k is not None and (not isinstance(self.top_k, int) or self.top_k < 1):
+            raise GenerationError(f"top_k must be a positive integer, got {self.top_k!r}")
+        if self.top_p is not None and not 0 < self.top_p <= 1:
+            raise GenerationError(f"top_p must be in (0, 1], got {self.top_p!r}")
+        if self.min_p is not None and not 0 <= self.min_p <= 1:
+            raise GenerationError(f"min_p must be in [0, 1], got {self.min_p!r}")
+        if not self.repetition_penalty > 0:
+            raise GenerationError(f"repetition_penalty must be > 0, got {self.repetition_penalty!r}")
+
+    @property
+    def greedy(self) -> bool:
+        return self.temperature == 0
+
+
+def apply_repetition_penalty(logits: torch.Tensor, seen: torch.Tensor, penalty: float) -> torch.Tensor:
+    """HF's rule: a seen token's logit is divided by the penalty when positive, multiplied when negative."""
+    penalised = torch.where(logits > 0, logits / penalty, logits * penalty)
+    return torch.where(seen, penalised, logits)
+
+
+def filtered_probs(logits: torch.Tensor, params: SamplingParams) -> torch.Tensor:
+    """float32 logits (B, V) -> probabilities (B, V) after temperature, top-k, top-p and min-p."""
+    logits = logits / params.temperature
+    if params.top_k is not None and params.top_k < logits.shape[-1]:
+        kth = torch.topk(logits, params.top_k, dim=-1).values[:, -1:]
+        logits = logits.masked_fill(logits < kth, float("-inf"))
+    probs = logits.softmax(-1)
+    if params.min_p:
+        probs = probs.masked_fill(probs < params.min_p * probs.amax(-1, keepdim=True), 0.0)
+    if params.top_p is not None and params.top_p < 1:
+        sorted_probs, order = probs.sort(dim=-1, descending=True)
+        mass_before = sorted_probs.cumsum(-1) - sorted_probs
+        sorted_probs = sorted_probs.masked_fill(mass_before >= params.top_p * sorted_probs.sum(-1, keepdim=True), 0.0)
+        probs = torch.zeros_like(probs).scatter_(-1, order, sorted_probs)
+    return probs
+
+
+def sample(logits: torch.Tensor, params: SamplingParams, vocab_size: int,
+           generators: list[torch.Generator] | None = None, seen: torch.Tensor | None = None) -> torch.Tensor:
+    """logits (B, V) -> next ids (B,) int64, never >= vocab_size (the tokenizer's bound).
+
+    generators: one per row for sampling (ignored when greedy); seen: (B, V) bool mask of
+    tokens already present, for the repetition penalty.
+    """
+    logits = logits[:, :vocab_size].float()
+    if params.repetition_penalty != 1.0 and seen is not None:
+        logits = apply_repetition_penalty(logits, seen[:, :vocab_size], params.repetition_penalty)
+    if params.greedy:
+        return logits.argmax(-1)
+    probs = filtered_probs(logits, params)
+    noise = torch.empty_like(probs)
+    for row, generator in enumerate(generators):
+        noise[row].exponential_(generator=generator)
+    return (probs / noise).argmax(-1)

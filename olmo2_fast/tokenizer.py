@@ -1,0 +1,111 @@
+"""The dolma2 tokenizer (a `tokenizers` BPE from tokenizer.json), special ids and streaming decode.
+
+OLMo 2's tokenizer adds no special tokens when encoding. Its embedding is padded past
+the vocabulary (100278 real entries, 100352 rows), so `vocab_size` here — the ids the
+tokenizer can decode — is the bound sampling must respect, not config.vocab_size.
+"""
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+from tokenizers import Tokenizer as HFTokenizer
+
+from .config import Olmo2Config
+from .errors import TokenizerError
+
+
+def _read_json(path: Path) -> dict:
+    if not path.is_file():
+        return {}
+    try:
+        data = json.loads(path.read_text())
+    except json.JSONDecodeError as e:
+        raise TokenizerError(f"{path} is not valid JSON: {e}") from None
+    if not isinstance(data, dict):
+        raise TokenizerError(f"{path}: expected a JSON object")
+    return data
+
+
+def _as_ids(value) -> list[int]:
+    if value is None:
+        return []
+    return [int(v) for v in value] if isinstance(value, list) else [int(value)]
+
+
+class Tokenizer:
+    def __init__(self, directory: str | Path, config: Olmo2Config):
+        directory = Path(directory)
+        path = directory / "tokenizer.json"
+        if not path.is_file():
+            raise TokenizerError(f"tokenizer.json not found in {directory}")
+        try:
+            self._tok = HFTokenizer.from_file(str(path))
+        except Exception as e:  # tokenizers raises a bare Exception on malformed files
+            raise TokenizerError(f"could not load {path}: {e}") from None
+        tok_config = _read_json(directory / "tokenizer_config.json")
+        gen_config = _read_json(directory / "generation_config.json")
+        self.vocab_size = self._tok.get_vocab_size(with_added_tokens=True)
+        if self.vocab_size > config.vocab_size:
+            raise TokenizerError(f"tokenizer.json has {self.vocab_size} tokens but the model's embedding has only "
+                                 f"{config.vocab_size} rows")
+        self.chat_template = tok_config.get("chat_template")
+
+        def token_id(entry):
+            text = entry.get("content") if isinstance(entry, dict) else entry
+            return self._tok.token_to_id(text) if isinstance(text, str) else None
+
+        eos = _as_ids(gen_config.get("eos_token_id")) + list(config.eos_token_id)
+        eos.append(token_id(tok_config.get("eos_token")))
+        self.eos_ids = tuple(sorted({i for i in eos if i is not None and 0 <= i < self.vocab_size}))
+        bos = gen_config.get("bos_token_id", config.bos_token_id)
+        self.bos_id = bos if bos is not None else token_id(tok_config.get("bos_token"))
+        pad = gen_config.get("pad_token_id", config.pad_token_id)
+        self.pad_id = pad if pad is not None else token_id(tok_config.get("pad_token"))
+
+    def encode(self, text: str) -> list[int]:
+        return self._tok.encode(text, add_special_tokens=False).ids
+
+    def decode(self, ids: list[int]) -> str:
+        return self._tok.decode(list(ids), skip_special_tokens=True)
+
+    def token_to_id(self, token: str) -> int | None:
+        return self._tok.token_to_id(token)
+
+    def stream_decoder(self) -> "StreamDecoder":
+        return StreamDecoder(self)
+
+
+class StreamDecoder:
+    """Turns token ids into text pieces as they arrive, whole characters only.
+
+    A byte-level BPE token may end in the middle of a multi-byte UTF-8 character; the
+    partial decode then ends in U+FFFD and nothing is emitted until the character
+    completes. Decoding a short window that starts a few tokens back (rather than
+    each token alone) keeps decoders that depend on context, such as leading-space
+    handling, exact: the pieces always concatenate to `decode(all ids)`.
+    """
+
+    def __init__(self, tokenizer: Tokenizer):
+        self._tokenizer = tokenizer
+        self._ids: list[int] = []
+        self._prefix = 0  # start of the window already turned into text
+        self._read = 0    # end of the part already emitted
+
+    def push(self, token_id: int) -> str:
+        self._ids.append(token_id)
+        decode = self._tokenizer.decode
+        emitted = decode(self._ids[self._prefix:self._read])
+        text = decode(self._ids[self._prefix:])
+        if len(text) > len(emitted) and not text.endswith("\ufffd"):
+            self._prefix, self._read = self._read, len(self._ids)
+            return text[len(emitted):]
+        return ""
+
+    def flush(self) -> str:
+        """Whatever remains (an incomplete character decodes as U+FFFD)."""
+        decode = self._tokenizer.decode
+        emitted = decode(self._ids[self._prefix:self._read])
+        text = decode(self._ids[self._prefix:])
+        self._prefix = self._read = len(self._ids)
+        return text[len(emitted):]
