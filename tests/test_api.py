@@ -1,0 +1,131 @@
+"""The public API on the torch backend: generate, stream, batching, stopping, seeds, errors."""
+import pytest
+import torch
+
+from checkpoints import VARIANTS, make_checkpoint
+from olmo2_fast import OLMo2
+from olmo2_fast.errors import GenerationError
+
+PROMPTS = ["The capital of France is", "Once upon a time there", "A key-value cache keeps the keys"]
+
+
+@pytest.fixture(scope="module", params=["gqa", "gqa5"])
+def model(request, tmp_path_factory):
+    path = make_checkpoint(tmp_path_factory.mktemp(request.param), seed=11, **VARIANTS[request.param])
+    return OLMo2.from_pretrained(path, device="cpu")
+
+
+def test_logits_for_the_whole_sequence(model):
+    ids = torch.randint(0, 400, (3, 10))
+    logits = model(ids)
+    assert logits.shape == (3, 10, model.config.vocab_size)
+    torch.testing.assert_close(model(ids[1].tolist())[0], logits[1])
+
+
+def test_greedy_with_the_cache_equals_full_recomputation(model):
+    prompt = model.tokenizer.encode(PROMPTS[0])
+    new = model.generate(prompt, max_new_tokens=12)
+    ids = list(prompt)
+    for _ in range(12):
+        nxt = model(ids)[0, -1, :model.tokenizer.vocab_size].argmax().item()
+        if nxt in model.tokenizer.eos_ids:
+            break
+        ids.append(nxt)
+    assert new == ids[len(prompt):]
+
+
+def test_result_types_follow_the_prompt_type(model):
+    text = model.generate(PROMPTS[0], max_new_tokens=5)
+    assert isinstance(text, str)
+    ids = model.generate(model.tokenizer.encode(PROMPTS[0]), max_new_tokens=5)
+    assert isinstance(ids, list) and all(isinstance(i, int) for i in ids) and 0 < len(ids) <= 5
+    assert model.tokenizer.decode(ids) == text
+    assert isinstance(model.generate(PROMPTS[:2], max_new_tokens=3), list)
+
+
+def test_a_batch_of_different_lengths_equals_one_by_one(model):
+    batched = model.generate(PROMPTS, max_new_tokens=10)
+    assert batched == [model.generate(p, max_new_tokens=10) for p in PROMPTS]
+
+
+def test_seeded_sampling_is_reproducible_and_seed_dependent(model):
+    kwargs = dict(max_new_tokens=16, temperature=1.0, top_p=0.95)
+    a = model.generate(PROMPTS[1], seed=123, **kwargs)
+    assert a == model.generate(PROMPTS[1], seed=123, **kwargs)
+    assert len({model.generate(PROMPTS[1], seed=s, **kwargs) for s in range(4)}) > 1
+    # Each prompt of a batch gets seed + index, so a batch reproduces the single runs.
+    batch = model.generate([PROMPTS[1], PROMPTS[2]], seed=123, **kwargs)
+    assert batch == [a, model.generate(PROMPTS[2], seed=124, **kwargs)]
+
+
+def test_stream_reproduces_generate(model):
+    for kwargs in (dict(), dict(temperature=0.9, seed=5, top_k=50)):
+        pieces = list(model.stream(PROMPTS[2], max_new_tokens=20, **kwargs))
+        assert "".join(pieces) == model.generate(PROMPTS[2], max_new_tokens=20, **kwargs)
+
+
+def test_stop_strings_cut_the_text_and_stream_never_leaks_them(model):
+    full = model.generate(PROMPTS[0], max_new_tokens=24)
+    stop = full[5:8]
+    assert stop and stop in full
+    cut = model.generate(PROMPTS[0], max_new_tokens=24, stop=[stop, "\x00never"])
+    assert cut == full[:full.index(stop)]
+    assert "".join(model.stream(PROMPTS[0], max_new_tokens=24, stop=stop)) == cut
+
+
+def test_eos_ends_generation(model):
+    first = model.generate(model.tokenizer.encode(PROMPTS[0]), max_new_tokens=1)[0]
+    eos = model.tokenizer.eos_ids
+    model.tokenizer.eos_ids = (first,)
+    try:
+        assert model.generate(model.tokenizer.encode(PROMPTS[0]), max_new_tokens=8) == []
+    finally:
+        model.tokenizer.eos_ids = eos
+
+
+def test_repetition_penalty_changes_greedy_output(model):
+    plain = model.generate(PROMPTS[0], max_new_tokens=30)
+    assert model.generate(PROMPTS[0], max_new_tokens=30, repetition_penalty=1.0) == plain
+    assert model.generate(PROMPTS[0], max_new_tokens=30, repetition_penalty=5.0) != plain
+
+
+def test_generation_stops_at_the_end_of_the_context(model):
+    n = model.config.max_position_embeddings
+    ids = model.generate([5] * (n - 3), max_new_tokens=50)
+    assert len(ids) <= 4
+
+
+@pytest.mark.parametrize("call, message", [
+    (lambda m: m.generate("hi", max_new_tokens=0), "max_new_tokens must be an integer >= 1"),
+    (lambda m: m.generate("hi", max_new_tokens=2.5), "max_new_tokens must be an integer >= 1"),
+    (lambda m: m.generate([5] * 257), "longer than the model's context of 256"),
+    (lambda m: m([[5] * 257]), "longer than the model's context of 256"),
+    (lambda m: m.generate([1, 99999]), r"must lie in \[0, 448\)"),
+    (lambda m: m(torch.tensor([[1, -1]])), r"must lie in \[0, 448\)"),
+    (lambda m: m(torch.zeros(2, 2, 2, dtype=torch.long)), "shape \\(batch, seq\\)"),
+    (lambda m: m.generate(3.5), "must be a str or a non-empty list"),
+    (lambda m: m.generate([]), "must be a str or a non-empty list"),
+    (lambda m: m.generate(["a", [1, 2]]), "all strings or all token id lists"),
+    (lambda m: m.generate("hi", temperature=-0.5), "temperature must be >= 0"),
+    (lambda m: m.generate("hi", stop=[""]), "stop must be a non-empty string"),
+    (lambda m: list(m.stream(["a", "b"])), "stream\\(\\) takes one prompt"),
+])
+def test_bad_requests_get_clear_errors(model, call, message):
+    with pytest.raises(GenerationError, match=message):
+        call(model)
+
+
+def test_a_preallocated_cache_refuses_requests_that_do_not_fit(tmp_path):
+    model = OLMo2.from_pretrained(make_checkpoint(tmp_path), device="cpu", max_batch_size=2, max_seq_len=32)
+    assert model.generate(PROMPTS[:2], max_new_tokens=4)
+    with pytest.raises(GenerationError, match="max_batch_size=2, max_seq_len=32"):
+        model.generate(PROMPTS, max_new_tokens=4)
+    with pytest.raises(GenerationError, match="max_batch_size=2, max_seq_len=32"):
+        model.generate(PROMPTS[0], max_new_tokens=40)
+
+
+def test_the_grown_cache_is_reused(model):
+    model.generate(PROMPTS, max_new_tokens=4)
+    cache = model._cache
+    model.generate(PROMPTS[0], max_new_tokens=4)
+    assert model._cache is cache

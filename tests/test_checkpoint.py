@@ -1,0 +1,139 @@
+"""Loading real Hugging Face layouts, and every loader error a user can hit."""
+import json
+import sys
+
+import pytest
+import torch
+from safetensors.torch import load_file, save_file
+
+from checkpoints import make_checkpoint
+from olmo2_fast import OLMo2
+from olmo2_fast.checkpoint import INDEX_FILE, WEIGHTS_FILE, iter_checkpoint, resolve_checkpoint
+from olmo2_fast.config import Olmo2Config
+from olmo2_fast.errors import CheckpointError, ConfigError, TokenizerError
+
+
+@pytest.fixture
+def ckpt(tmp_path):
+    return make_checkpoint(tmp_path / "ckpt", seed=5)
+
+
+def logits_of(path, **kwargs):
+    torch.manual_seed(0)
+    ids = torch.randint(0, 400, (1, 13))
+    return OLMo2.from_pretrained(path, device="cpu", **kwargs)(ids)
+
+
+def test_sharded_float32_and_bf16_checkpoints_load_to_the_same_model(tmp_path, ckpt):
+    sharded = make_checkpoint(tmp_path / "sharded", seed=5, num_shards=3)
+    assert (sharded / INDEX_FILE).is_file() and not (sharded / WEIGHTS_FILE).exists()
+    assert len(list(sharded.glob("model-*-of-00003.safetensors"))) == 3
+    torch.testing.assert_close(logits_of(sharded), logits_of(ckpt), rtol=0, atol=0)
+    bf16_ckpt = make_checkpoint(tmp_path / "bf16", seed=5, dtype=torch.bfloat16)
+    model = OLMo2.from_pretrained(bf16_ckpt, device="cpu", dtype="bfloat16")
+    assert all(p.dtype == torch.bfloat16 for p in model.engine.parameters())
+    torch.testing.assert_close(logits_of(bf16_ckpt, dtype="bfloat16").float(), logits_of(ckpt), rtol=0.05, atol=0.1)
+
+
+def test_float32_checkpoint_converts_tensor_by_tensor(ckpt):
+    cfg = Olmo2Config.from_json_file(ckpt / "config.json")
+    stream = iter_checkpoint(ckpt, cfg, torch.bfloat16, "cpu", progress=False)
+    name, first = next(stream)  # a generator: one converted tensor at a time, not a float32 state dict
+    assert first.dtype == torch.bfloat16
+    stream.close()
+
+
+def test_progress_bar_when_asked(ckpt, capsys):
+    cfg = Olmo2Config.from_json_file(ckpt / "config.json")
+    n = sum(1 for _ in iter_checkpoint(ckpt, cfg, torch.float32, "cpu", progress=True))
+    assert f"{n}/{n}" in capsys.readouterr().err
+
+
+def rewrite_weights(path, edit):
+    tensors = load_file(path / WEIGHTS_FILE)
+    edit(tensors)
+    save_file(tensors, path / WEIGHTS_FILE)
+
+
+@pytest.mark.parametrize("edit, message", [
+    (lambda t: t.pop("model.layers.1.mlp.up_proj.weight"), r"missing 1 tensor\(s\): model.layers.1.mlp.up_proj.weight"),
+    (lambda t: t.update({"model.layers.9.extra": torch.zeros(2)}), r"unexpected 1 tensor\(s\): model.layers.9.extra"),
+    (lambda t: t.update({"model.norm.weight": torch.zeros(3)}), r"model.norm.weight .* shape \(3,\), expected \(48,\)"),
+    (lambda t: t.update({"model.norm.weight": torch.zeros(48, dtype=torch.int8)}), "dtype torch.int8"),
+])
+def test_wrong_tensors_are_named(ckpt, edit, message):
+    rewrite_weights(ckpt, edit)
+    with pytest.raises(CheckpointError, match=message):
+        OLMo2.from_pretrained(ckpt, device="cpu")
+
+
+def test_tied_checkpoints_omit_lm_head(tmp_path):
+    path = make_checkpoint(tmp_path, tie_word_embeddings=True)
+    assert "lm_head.weight" not in load_file(path / WEIGHTS_FILE)
+    model = OLMo2.from_pretrained(path, device="cpu")
+    assert model.engine.lm_head_weight() is model.engine.model.embed_tokens.weight
+
+
+def test_missing_paths_and_files(tmp_path, ckpt):
+    with pytest.raises(CheckpointError, match="checkpoint directory not found"):
+        OLMo2.from_pretrained(tmp_path / "does-not-exist")
+    with pytest.raises(CheckpointError, match="is a file"):
+        OLMo2.from_pretrained(ckpt / "config.json")
+    (ckpt / WEIGHTS_FILE).unlink()
+    with pytest.raises(CheckpointError, match="no weights in"):
+        OLMo2.from_pretrained(ckpt, device="cpu")
+    (ckpt / "tokenizer.json").unlink()
+    with pytest.raises(TokenizerError, match="tokenizer.json not found"):
+        OLMo2.from_pretrained(ckpt, device="cpu")
+    (ckpt / "config.json").unlink()
+    with pytest.raises(ConfigError, match="config file not found"):
+        OLMo2.from_pretrained(ckpt, device="cpu")
+
+
+def test_broken_config_index_and_weights(tmp_path):
+    path = make_checkpoint(tmp_path / "a")
+    (path / "config.json").write_text("{ broken")
+    with pytest.raises(ConfigError, match="not valid JSON"):
+        OLMo2.from_pretrained(path)
+    path = make_checkpoint(tmp_path / "b", num_shards=2)
+    next(path.glob("model-00002-*.safetensors")).unlink()
+    with pytest.raises(CheckpointError, match="lists shard"):
+        OLMo2.from_pretrained(path, device="cpu")
+    (path / INDEX_FILE).write_text(json.dumps({"metadata": {}}))
+    with pytest.raises(CheckpointError, match="weight_map"):
+        OLMo2.from_pretrained(path, device="cpu")
+    path = make_checkpoint(tmp_path / "c")
+    (path / WEIGHTS_FILE).write_bytes(b"not safetensors")
+    with pytest.raises(CheckpointError, match="not a readable safetensors file"):
+        OLMo2.from_pretrained(path, device="cpu")
+
+
+def test_unsupported_dtype_device_backend_and_quantize(ckpt):
+    with pytest.raises(CheckpointError, match="unsupported dtype 'int8'"):
+        OLMo2.from_pretrained(ckpt, device="cpu", dtype="int8")
+    with pytest.raises(CheckpointError, match="unknown backend"):
+        OLMo2.from_pretrained(ckpt, device="cpu", backend="jax")
+    with pytest.raises(CheckpointError, match="unknown device"):
+        OLMo2.from_pretrained(ckpt, device="tpu:0")
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="checks the error on machines without CUDA")
+def test_cuda_requested_without_cuda(ckpt):
+    with pytest.raises(CheckpointError, match="CUDA is not available"):
+        OLMo2.from_pretrained(ckpt, device="cuda")
+
+
+def test_hub_ids_without_huggingface_hub_say_so(monkeypatch, tmp_path):
+    monkeypatch.setitem(sys.modules, "huggingface_hub", None)  # makes `import huggingface_hub` fail
+    with pytest.raises(CheckpointError, match="huggingface_hub is not installed"):
+        resolve_checkpoint("allenai/OLMo-2-0425-1B")
+
+
+def test_hub_ids_offline_say_so(monkeypatch):
+    hub = pytest.importorskip("huggingface_hub")
+
+    def offline(*args, **kwargs):
+        raise OSError("network is unreachable")
+    monkeypatch.setattr(hub, "snapshot_download", offline)
+    with pytest.raises(CheckpointError, match="could not fetch 'allenai/OLMo-2-0425-1B' .*revision stage1-step1000"):
+        resolve_checkpoint("allenai/OLMo-2-0425-1B", revision="stage1-step1000")

@@ -1,0 +1,34 @@
+import os
+import subprocess
+import sys
+
+from checkpoints import make_checkpoint
+from olmo2_fast.cli import main
+
+
+def test_generate_streams_the_completion(tmp_path, capsys):
+    path = make_checkpoint(tmp_path)
+    assert main(["generate", "--model", str(path), "The capital", "--max-new-tokens", "6"]) == 0
+    out, err = capsys.readouterr()
+    assert out.endswith("\n") and "2 layers" in err
+
+
+def test_without_a_model_it_builds_and_runs_the_demo_checkpoint(tmp_path, capsys, monkeypatch):
+    monkeypatch.setenv("OLMO2_FAST_HOME", str(tmp_path))
+    assert main(["generate", "hello", "--max-new-tokens", "4", "--temperature", "0.7", "--seed", "1"]) == 0
+    assert "RANDOM weights" in capsys.readouterr().err
+    assert (tmp_path / "demo-v1" / "model.safetensors").is_file()
+
+
+def test_errors_are_one_line_with_exit_code_2(tmp_path, capsys):
+    assert main(["generate", "--model", str(tmp_path / "missing"), "hi"]) == 2
+    err = capsys.readouterr().err
+    assert err.startswith("olmo2-fast: error: checkpoint directory not found") and "Traceback" not in err
+
+
+def test_python_dash_m_entry_point(tmp_path):
+    path = make_checkpoint(tmp_path)
+    env = {**os.environ, "OLMO2_FAST_HOME": str(tmp_path)}
+    proc = subprocess.run([sys.executable, "-m", "olmo2_fast", "generate", "--model", str(path), "Hi",
+                           "--max-new-tokens", "3"], capture_output=True, text=True, env=env, timeout=120)
+    assert proc.returncode == 0, proc.stderr

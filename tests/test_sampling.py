@@ -1,0 +1,42 @@
+import pytest
+import torch
+
+from olmo2_fast.errors import GenerationError
+from olmo2_fast.sampling import SamplingParams, apply_repetition_penalty, filtered_probs, sample
+
+
+def test_filters_keep_what_they_promise():
+    logits = torch.log(torch.tensor([[0.5, 0.25, 0.15, 0.1]]))
+    assert filtered_probs(logits, SamplingParams(temperature=1.0, top_k=2)).nonzero()[:, 1].tolist() == [0, 1]
+    # top-p 0.7: 0.5 alone is < 0.7, 0.5 + 0.25 reaches it.
+    assert filtered_probs(logits, SamplingParams(temperature=1.0, top_p=0.7)).nonzero()[:, 1].tolist() == [0, 1]
+    # min-p 0.4: keep tokens with p >= 0.4 * 0.5 = 0.2.
+    assert filtered_probs(logits, SamplingParams(temperature=1.0, min_p=0.4)).nonzero()[:, 1].tolist() == [0, 1]
+    probs = filtered_probs(logits, SamplingParams(temperature=1.0))
+    torch.testing.assert_close(probs, torch.tensor([[0.5, 0.25, 0.15, 0.1]]))
+
+
+def test_sampling_follows_the_distribution_and_seeds_reproduce():
+    probs = torch.tensor([0.6, 0.3, 0.1])
+    logits = probs.log().expand(20000, 3)
+    gens = [torch.Generator().manual_seed(7)] * 1  # one generator drawing row after row
+    draws = torch.cat([sample(logits[i:i + 2000], SamplingParams(temperature=1.0), 3, gens * 2000)
+                       for i in range(0, 20000, 2000)])
+    freq = torch.bincount(draws, minlength=3).float() / len(draws)
+    torch.testing.assert_close(freq, probs, atol=0.02, rtol=0)
+    a = sample(logits[:5], SamplingParams(temperature=1.0), 3, [torch.Generator().manual_seed(s) for s in range(5)])
+    b = sample(logits[:5], SamplingParams(temperature=1.0), 3, [torch.Generator().manual_seed(s) for s in range(5)])
+    assert torch.equal(a, b)
+
+
+def test_repetition_penalty_follows_the_hf_rule():
+    logits = torch.tensor([[2.0, -2.0, 1.0]])
+    seen = torch.tensor([[True, True, False]])
+    torch.testing.assert_close(apply_repetition_penalty(logits, seen, 2.0), torch.tensor([[1.0, -4.0, 1.0]]))
+
+
+@pytest.mark.parametrize("kwargs", [dict(temperature=-1), dict(top_k=0), dict(top_p=0.0), dict(top_p=1.5),
+                                    dict(min_p=2.0), dict(repetition_penalty=0.0)])
+def test_invalid_parameters(kwargs):
+    with pytest.raises(GenerationError):
+        SamplingParams(**kwargs)

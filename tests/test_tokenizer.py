@@ -1,0 +1,78 @@
+import json
+
+import pytest
+import torch
+
+from checkpoints import config, make_checkpoint
+from olmo2_fast.errors import TokenizerError
+from olmo2_fast.sampling import SamplingParams, sample
+from olmo2_fast.tokenizer import Tokenizer
+
+TEXT = "Café in 東京 🙂 costs €5 — naïve Zürich."
+
+
+@pytest.fixture(scope="module")
+def tokenizer(tmp_path_factory):
+    path = make_checkpoint(tmp_path_factory.mktemp("tok"))
+    return Tokenizer(path, config())
+
+
+def test_encode_adds_no_special_tokens_and_round_trips(tokenizer):
+    ids = tokenizer.encode(TEXT)
+    assert 0 not in ids and tokenizer.decode(ids) == TEXT
+
+
+def test_special_ids_from_the_config_files(tokenizer):
+    assert tokenizer.eos_ids == (0,) and tokenizer.pad_id == 1
+    assert tokenizer.bos_id == 0  # bos_token_id is null in config.json; tokenizer_config.json names <|endoftext|>
+    assert tokenizer.vocab_size == 400 < config().vocab_size
+
+
+def test_streaming_pieces_are_whole_characters_and_concatenate_to_the_full_decode(tokenizer):
+    ids = tokenizer.encode(TEXT)
+    decoder = tokenizer.stream_decoder()
+    pieces = [decoder.push(i) for i in ids] + [decoder.flush()]
+    assert "".join(pieces) == TEXT
+    assert all("\ufffd" not in p for p in pieces)
+
+
+def test_a_multibyte_character_split_over_byte_tokens_is_emitted_once_complete(tokenizer):
+    # Byte-level BPE: every byte has its own token; feed 東's three bytes one at a time.
+    byte_tokens = [tokenizer.encode(ch) for ch in ("a", "b")]
+    assert all(len(t) == 1 for t in byte_tokens)
+    alphabet = {b: c for b, c in zip(range(256), _bytes_to_unicode())}
+    ids = [tokenizer.token_to_id(alphabet[b]) for b in "東".encode()]
+    decoder = tokenizer.stream_decoder()
+    assert [decoder.push(i) for i in ids] == ["", "", "東"]
+
+
+def _bytes_to_unicode():
+    """GPT-2's byte -> printable character table that byte-level BPE uses."""
+    bs = list(range(ord("!"), ord("~") + 1)) + list(range(ord("¡"), ord("¬") + 1)) + list(range(ord("®"), ord("ÿ") + 1))
+    cs, n = bs[:], 0
+    for b in range(256):
+        if b not in bs:
+            bs.append(b)
+            cs.append(256 + n)
+            n += 1
+    table = dict(zip(bs, cs))
+    return [chr(table[b]) for b in range(256)]
+
+
+def test_sampling_never_returns_ids_the_tokenizer_cannot_decode(tokenizer):
+    logits = torch.zeros(4, config().vocab_size)
+    logits[:, tokenizer.vocab_size:] = 100.0  # the padded embedding rows are the most likely
+    greedy = sample(logits, SamplingParams(), tokenizer.vocab_size)
+    gens = [torch.Generator().manual_seed(i) for i in range(4)]
+    sampled = sample(logits, SamplingParams(temperature=1.0), tokenizer.vocab_size, gens)
+    assert (greedy < tokenizer.vocab_size).all() and (sampled < tokenizer.vocab_size).all()
+
+
+def test_broken_tokenizer_files(tmp_path):
+    path = make_checkpoint(tmp_path)
+    (path / "tokenizer_config.json").write_text("{oops")
+    with pytest.raises(TokenizerError, match="tokenizer_config.json is not valid JSON"):
+        Tokenizer(path, config())
+    (path / "tokenizer.json").write_text(json.dumps({"not": "a tokenizer"}))
+    with pytest.raises(TokenizerError, match="could not load"):
+        Tokenizer(path, config())
