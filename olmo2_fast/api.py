@@ -2,6 +2,8 @@
 from __future__ import annotations
 
 import logging
+import os
+import sys
 from pathlib import Path
 from typing import Iterator, Sequence
 
@@ -12,14 +14,27 @@ from .checkpoint import CONFIG_FILE, iter_checkpoint, parse_dtype, resolve_check
 from .config import Olmo2Config
 from .errors import CheckpointError, GenerationError
 from .generate import run_generation
+from .graphs import bucket_for
 from .reference import Olmo2Reference, rope_inv_freq
 from .sampling import SamplingParams
 from .tokenizer import Tokenizer
 
 logger = logging.getLogger("olmo2_fast")
 
-BACKENDS = ("auto", "torch")
+BACKENDS = ("auto", "torch", "triton")
 SEQ_ROUNDING = 256  # the cache grows in steps of this many positions
+
+
+def enable_triton_interpreter():
+    """Kernels on a CPU run under Triton's interpreter, which must be switched on before triton is
+    first imported (torch itself may import it, e.g. once a torch-backend model has been loaded)."""
+    if os.environ.get("TRITON_INTERPRET") == "1":
+        return
+    if "triton" in sys.modules:
+        raise CheckpointError("backend='triton' on a CPU needs Triton's interpreter, but triton was already imported "
+                              "in this process without it: set TRITON_INTERPRET=1 before starting Python, or use "
+                              "backend='torch'")
+    os.environ["TRITON_INTERPRET"] = "1"
 
 
 def resolve_device(device) -> torch.device:
@@ -35,6 +50,17 @@ def resolve_device(device) -> torch.device:
     if device.type not in ("cpu", "cuda"):
         raise CheckpointError(f"unsupported device {device}: use 'cpu' or 'cuda'")
     return device
+
+
+def _load_reference(config: Olmo2Config, tensors, device) -> Olmo2Reference:
+    with torch.device("meta"):
+        engine = Olmo2Reference(config)
+    state = dict(tensors)
+    if config.tie_word_embeddings:
+        state.pop("lm_head.weight", None)
+    engine.load_state_dict(state, strict=True, assign=True)
+    engine.inv_freq = rope_inv_freq(config.head_dim, config.rope_theta, config.rope_scaling_factor).to(device)
+    return engine.eval()
 
 
 class OLMo2:
@@ -53,34 +79,47 @@ class OLMo2:
     def from_pretrained(cls, path: str | Path, *, device=None, dtype=None, backend: str = "auto",
                         quantize: str | None = None, revision: str | None = None,
                         max_batch_size: int | None = None, max_seq_len: int | None = None,
-                        progress: bool | None = None) -> "OLMo2":
+                        progress: bool | None = None, cuda_graphs: bool = True) -> "OLMo2":
         """Load a Hugging Face OLMo 2 checkpoint (local directory, or hub id with huggingface_hub).
 
         device: "cpu" / "cuda" (default: cuda when available). dtype: bfloat16 / float32 /
-        float16 (default: bfloat16 on CUDA, float32 on CPU). backend: "auto" or "torch".
-        max_batch_size / max_seq_len: preallocate the KV cache (default: grown to fit each request).
-        progress: progress bar over tensors (default: when stderr is a terminal).
+        float16 (default: bfloat16 on CUDA, float32 on CPU). backend: "triton" (our kernels),
+        "torch" (the plain-PyTorch reference) or "auto" (triton on CUDA, torch on CPU; triton on a
+        CPU runs the kernels under Triton's interpreter: slow, for testing). quantize: None or
+        "int4" (group-128 weight-only, triton backend). max_batch_size / max_seq_len: preallocate
+        the KV cache (default: grown to fit each request). progress: progress bar over tensors
+        (default: when stderr is a terminal). cuda_graphs: replay decode steps as CUDA graphs.
         """
         if backend not in BACKENDS:
             raise CheckpointError(f"unknown backend {backend!r}; choose one of {', '.join(BACKENDS)}")
-        if quantize is not None:
-            raise CheckpointError(f"unsupported quantize={quantize!r}: weights load unquantised (quantize=None)")
+        if quantize not in (None, "int4"):
+            raise CheckpointError(f"unsupported quantize={quantize!r}: choose None or 'int4'")
         device = resolve_device(device)
+        if backend == "auto":
+            backend = "triton" if device.type == "cuda" else "torch"
+        if quantize is not None and backend != "triton":
+            raise CheckpointError(f"quantize={quantize!r} runs on the int4 kernels: use backend='triton'")
+        if backend == "triton" and device.type == "cpu":
+            logger.warning("backend='triton' on a CPU runs the kernels under Triton's interpreter: slow, for testing")
+            enable_triton_interpreter()
         dtype = parse_dtype(dtype if dtype is not None else ("bfloat16" if device.type == "cuda" else "float32"))
         if dtype == torch.float16:
             logger.warning("OLMo 2 overflows in float16 (NaN / '!!!!' output); prefer bfloat16 or float32")
         directory = resolve_checkpoint(path, revision)
         config = Olmo2Config.from_json_file(directory / CONFIG_FILE)
         tokenizer = Tokenizer(directory, config)
-        with torch.device("meta"):
-            engine = Olmo2Reference(config)
-        state = dict(iter_checkpoint(directory, config, dtype, device, progress))
-        if config.tie_word_embeddings:
-            state.pop("lm_head.weight", None)
-        engine.load_state_dict(state, strict=True, assign=True)
-        engine.inv_freq = rope_inv_freq(config.head_dim, config.rope_theta, config.rope_scaling_factor).to(device)
-        engine.eval()
-        return cls(engine, tokenizer, config, device, dtype, "torch", max_batch_size, max_seq_len)
+        tensors = iter_checkpoint(directory, config, dtype, device, progress)
+        if backend == "torch":
+            engine = _load_reference(config, tensors, device)
+        else:
+            from .model import Olmo2Fast  # imports triton: only now, after the interpreter decision
+
+            engine = Olmo2Fast.from_tensors(config, tensors, quantize)
+            if device.type == "cuda" and cuda_graphs:
+                from .graphs import DecodeGraphs
+
+                engine.graphs = DecodeGraphs(engine)
+        return cls(engine, tokenizer, config, device, dtype, backend, max_batch_size, max_seq_len)
 
     # ------------------------------------------------------------------ logits
 
@@ -96,7 +135,8 @@ class OLMo2:
         if ids.min() < 0 or ids.max() >= self.config.vocab_size:
             raise GenerationError(f"token ids must lie in [0, {self.config.vocab_size}), got "
                                   f"[{ids.min().item()}, {ids.max().item()}]")
-        return self.engine(ids.long())
+        with torch.inference_mode():
+            return self.engine(ids.long())
 
     # ------------------------------------------------------------------ generation
 
@@ -191,6 +231,8 @@ class OLMo2:
             raise GenerationError(f"request needs a KV cache of batch {batch} x {seq} positions, but the model was "
                                   f"loaded with max_batch_size={cache.max_batch}, max_seq_len={cache.max_seq}")
         seq = min(-(-seq // SEQ_ROUNDING) * SEQ_ROUNDING, self.config.max_position_embeddings)
+        if getattr(self.engine, "graphs", None) is not None:
+            batch = bucket_for(batch)  # spare rows let a graph bucket pad a smaller batch
         if cache is not None:
             batch, seq = max(batch, cache.max_batch), max(seq, cache.max_seq)
         self._cache = None  # release the old cache before allocating the larger one

@@ -84,7 +84,8 @@ def run_generation(engine, cache: KVCache, tokenizer: Tokenizer, prompts: list[l
     chunks = prompts
     while True:
         batch = StepBatch.build(chunks, lengths, device)
-        logits = engine.step(batch, cache)
+        with torch.inference_mode():
+            logits = engine.step(batch, cache)
         next_ids = sample(logits, params, tokenizer.vocab_size, generators, seen)
         if seen is not None:
             seen.scatter_(1, next_ids[:, None], True)

@@ -1,0 +1,144 @@
+"""The lean OLMo 2 forward on our Triton kernels (backend "triton").
+
+Same math as reference.py, laid out for speed:
+  * q/k/v fused into one (Hq + 2*Hkv)*D x hidden matrix and gate/up into one 2*I x hidden
+    matrix, once, at load time; projections go through cuBLAS (`F.linear`) or, with
+    quantize="int4", through the int4 kernel;
+  * one `qk_norm_rope` launch per layer norms q and k over all heads, rotates them and
+    writes k and v straight into the static cache;
+  * attention runs over the cache (`attention_prefill` for prompts and chunks,
+    `attention_decode` with split-KV for one token per sequence);
+  * each sublayer ends in one `residual_rmsnorm` (OLMo 2's post-norm plus the residual);
+  * lm_head runs only on the rows whose logits are needed.
+On CUDA, decode steps replay a captured CUDA graph (graphs.py). On a CPU the kernels run
+under Triton's interpreter: slow, for tests only.
+"""
+from __future__ import annotations
+
+import dataclasses
+from dataclasses import dataclass
+from typing import Iterator
+
+import torch
+import torch.nn.functional as F
+
+from .cache import KVCache, StepBatch
+from .config import Olmo2Config
+from .errors import CheckpointError
+from .kernels.attention import SUPPORTED_HEAD_DIMS, attention_decode, attention_prefill
+from .kernels.int4_format import GROUP_SIZE, Int4Weight, quantize_int4
+from .kernels.int4_matmul import int4_matmul
+from .kernels.qk_norm_rope import qk_norm_rope
+from .kernels.rmsnorm import residual_rmsnorm, rmsnorm
+from .kernels.swiglu import swiglu
+
+Weight = torch.Tensor | Int4Weight
+
+
+def linear(x: torch.Tensor, weight: Weight) -> torch.Tensor:
+    """x (T, in) @ weight (out, in)^T; the one place that picks cuBLAS or the int4 kernel."""
+    return int4_matmul(x, weight) if isinstance(weight, Int4Weight) else F.linear(x, weight)
+
+
+@dataclass
+class LayerWeights:
+    qkv: Weight                    # ((Hq + 2*Hkv) * D, hidden): q rows, then k, then v
+    q_norm: torch.Tensor           # (Hq * D,)
+    k_norm: torch.Tensor           # (Hkv * D,)
+    o: Weight                      # (hidden, Hq * D)
+    gate_up: Weight                # (2 * intermediate, hidden): gate rows, then up
+    down: Weight                   # (hidden, intermediate)
+    post_attention_norm: torch.Tensor
+    post_feedforward_norm: torch.Tensor
+
+
+class Olmo2Fast:
+    """Kernel-backed engine with the reference's interface: `step(batch, cache)` and `__call__(input_ids)`."""
+
+    def __init__(self, config: Olmo2Config, embed: torch.Tensor, layers: list[LayerWeights], norm: torch.Tensor,
+                 lm_head: Weight):
+        self.config, self.embed, self.layers, self.norm, self.lm_head = config, embed, layers, norm, lm_head
+        self.graphs = None  # set by graphs.DecodeGraphs on CUDA
+
+    @classmethod
+    def from_tensors(cls, config: Olmo2Config, tensors: Iterator[tuple[str, torch.Tensor]],
+                     quantize: str | None = None) -> "Olmo2Fast":
+        """Build from (HF name, tensor) pairs as checkpoint.iter_checkpoint yields them, fusing q/k/v and
+        gate/up per layer as soon as a layer's pieces have arrived (so memory peaks at one extra layer)."""
+        if quantize not in (None, "int4"):
+            raise CheckpointError(f"unsupported quantize={quantize!r}: choose None or 'int4'")
+        if config.head_dim not in SUPPORTED_HEAD_DIMS:
+            raise CheckpointError(f"the attention kernels support head_dim {SUPPORTED_HEAD_DIMS}, this model has "
+                                  f"{config.head_dim}: use backend='torch'")
+        if quantize == "int4":
+            widths = {"hidden_size": config.hidden_size, "intermediate_size": config.intermediate_size,
+                      "q width (heads x head_dim)": config.q_width}
+            bad = {k: v for k, v in widths.items() if v % GROUP_SIZE}
+            if bad:
+                raise CheckpointError(f"int4 quantisation needs in_features divisible by {GROUP_SIZE}; this model has "
+                                      + ", ".join(f"{k}={v}" for k, v in bad.items()))
+
+        def maybe_quantize(w: torch.Tensor) -> Weight:
+            return quantize_int4(w) if quantize == "int4" else w
+
+        pending: dict[int, dict[str, torch.Tensor]] = {}
+        layers: list[LayerWeights | None] = [None] * config.num_hidden_layers
+        top: dict[str, torch.Tensor] = {}
+        for name, tensor in tensors:
+            if not name.startswith("model.layers."):
+                top[name] = tensor
+                continue
+            index_text, _, rest = name[len("model.layers."):].partition(".")
+            index = int(index_text)
+            parts = pending.setdefault(index, {})
+            parts[rest] = tensor
+            if len(parts) == 11:  # every tensor of this layer has arrived
+                p = pending.pop(index)
+                layers[index] = LayerWeights(
+                    qkv=maybe_quantize(torch.cat([p.pop("self_attn.q_proj.weight"), p.pop("self_attn.k_proj.weight"),
+                                                  p.pop("self_attn.v_proj.weight")])),
+                    q_norm=p["self_attn.q_norm.weight"], k_norm=p["self_attn.k_norm.weight"],
+                    o=maybe_quantize(p["self_attn.o_proj.weight"]),
+                    gate_up=maybe_quantize(torch.cat([p.pop("mlp.gate_proj.weight"), p.pop("mlp.up_proj.weight")])),
+                    down=maybe_quantize(p["mlp.down_proj.weight"]),
+                    post_attention_norm=p["post_attention_layernorm.weight"],
+                    post_feedforward_norm=p["post_feedforward_layernorm.weight"],
+                )
+        embed = top["model.embed_tokens.weight"]
+        lm_head = embed if config.tie_word_embeddings else top["lm_head.weight"]
+        return cls(config, embed, layers, top["model.norm.weight"], lm_head)
+
+    # ------------------------------------------------------------------ forward
+
+    def step(self, batch: StepBatch, cache: KVCache) -> torch.Tensor:
+        """Packed tokens of B sequences -> logits (len(batch.last_token_rows), vocab); k/v go into the cache."""
+        decode = batch.max_q_len == 1 and len(batch.host_segments) == batch.input_ids.shape[0]
+        if decode and self.graphs is not None:
+            return self.graphs.replay(batch, cache)
+        return self.forward(batch, cache, decode)
+
+    def forward(self, batch: StepBatch, cache: KVCache, decode: bool) -> torch.Tensor:
+        cfg = self.config
+        x = self.embed[batch.input_ids]                                           # (T, hidden)
+        for index, w in enumerate(self.layers):
+            k_cache, v_cache = cache.layer(index)                                 # (B, Hkv, S, D)
+            q = qk_norm_rope(linear(x, w.qkv), w.q_norm, w.k_norm, batch.positions, batch.seq_ids, k_cache, v_cache,
+                             eps=cfg.rms_norm_eps, rope_theta=cfg.rope_theta,
+                             rope_scaling_factor=cfg.rope_scaling_factor)         # (T, Hq, D)
+            if decode:
+                attn = attention_decode(q, k_cache, v_cache, batch.kv_lens)
+            else:
+                attn = attention_prefill(q, k_cache, v_cache, batch.cu_seqlens, batch.kv_lens, batch.max_q_len)
+            x = residual_rmsnorm(x, linear(attn.view(x.shape[0], -1), w.o), w.post_attention_norm, cfg.rms_norm_eps)
+            x = residual_rmsnorm(x, linear(swiglu(linear(x, w.gate_up)), w.down), w.post_feedforward_norm,
+                                 cfg.rms_norm_eps)
+        h = rmsnorm(x[batch.last_token_rows], self.norm, cfg.rms_norm_eps)
+        return linear(h, self.lm_head)
+
+    def __call__(self, input_ids: torch.Tensor) -> torch.Tensor:
+        """input_ids (B, T) -> logits (B, T, vocab), through a scratch cache of exactly B x T."""
+        n_seq, seq_len = input_ids.shape
+        cache = KVCache(self.config, n_seq, seq_len, self.embed.dtype, self.embed.device)
+        batch = StepBatch.build(input_ids.tolist(), [0] * n_seq, self.embed.device)
+        batch = dataclasses.replace(batch, last_token_rows=torch.arange(n_seq * seq_len, device=self.embed.device))
+        return self.forward(batch, cache, decode=False).view(n_seq, seq_len, -1)
