@@ -23,6 +23,7 @@ setup(
         "numpy<2.3",  # triton 3.6's interpreter breaks on numpy >= 2.3
         "safetensors>=0.4",
         "tokenizers>=0.19",
+        "jinja2>=3",  # chat templates
     ],
     extras_require={"test": ["pytest>=7", "pytest-benchmark>=4"], "hub": ["huggingface_hub"]},
     entry_points={"console_scripts": ["olmo2-fast=olmo2_fast.cli:main"]},

@@ -170,6 +170,18 @@ class OLMo2:
             if piece:
                 yield piece
 
+    def chat(self, messages: list[dict], max_new_tokens: int = 256, **kwargs) -> str:
+        """Reply to a conversation using the checkpoint's chat template (OLMo 2 Instruct: Tulu style).
+
+        messages: [{"role": "system"|"user"|"assistant", "content": str}, ...]; other keyword
+        arguments as for generate(). Returns the assistant's reply text.
+        """
+        return self.generate(self.tokenizer.apply_chat_template(messages), max_new_tokens=max_new_tokens, **kwargs)
+
+    def stream_chat(self, messages: list[dict], max_new_tokens: int = 256, **kwargs) -> Iterator[str]:
+        """chat(), streamed as text pieces."""
+        return self.stream(self.tokenizer.apply_chat_template(messages), max_new_tokens=max_new_tokens, **kwargs)
+
     def _run(self, prompts, max_new_tokens, temperature, top_k, top_p, min_p, repetition_penalty, seed, stop):
         if isinstance(max_new_tokens, bool) or not isinstance(max_new_tokens, int) or max_new_tokens < 1:
             raise GenerationError(f"max_new_tokens must be an integer >= 1, got {max_new_tokens!r}")

@@ -12,7 +12,9 @@ def _add_model_args(parser: argparse.ArgumentParser):
     parser.add_argument("--revision", help="hub revision (branch, tag or commit), e.g. an intermediate checkpoint")
     parser.add_argument("--device", help="cpu or cuda (default: cuda when available)")
     parser.add_argument("--dtype", help="bfloat16, float32 or float16 (default: bfloat16 on CUDA, float32 on CPU)")
-    parser.add_argument("--backend", default="auto", help="auto or torch (default: auto)")
+    parser.add_argument("--backend", default="auto",
+                        help="triton, torch or auto (default: triton on CUDA, torch on CPU)")
+    parser.add_argument("--int4", action="store_true", help="int4 group-128 weight-only quantisation (triton backend)")
 
 
 def _add_sampling_args(parser: argparse.ArgumentParser):
@@ -36,7 +38,7 @@ def _load(args):
         print(f"[olmo2-fast] no --model given: using the built-in demo checkpoint at {path} "
               "(tiny, RANDOM weights: the text is gibberish; pass --model PATH for a real OLMo 2)", file=sys.stderr)
     model = OLMo2.from_pretrained(path, device=args.device, dtype=args.dtype, backend=args.backend,
-                                  revision=args.revision)
+                                  revision=args.revision, quantize="int4" if args.int4 else None)
     print(f"[olmo2-fast] {model.config.num_hidden_layers} layers, hidden {model.config.hidden_size}, "
           f"{model.dtype} on {model.device}, backend {model.backend}", file=sys.stderr)
     return model
@@ -53,6 +55,32 @@ def cmd_generate(args) -> int:
     return 0
 
 
+def cmd_chat(args) -> int:
+    """A terminal conversation: each line you type is a user turn; the reply streams back."""
+    model = _load(args)
+    messages = [{"role": "system", "content": args.system}] if args.system else []
+    interactive = sys.stdin.isatty()
+    while True:
+        if interactive:
+            sys.stderr.write("you> ")
+            sys.stderr.flush()
+        line = sys.stdin.readline()
+        if not line or line.strip() in ("/exit", "/quit"):
+            return 0
+        if not line.strip():
+            continue
+        messages.append({"role": "user", "content": line.rstrip("\n")})
+        reply = []
+        for piece in model.stream_chat(messages, max_new_tokens=args.max_new_tokens, temperature=args.temperature,
+                                       top_k=args.top_k, top_p=args.top_p, seed=args.seed, stop=args.stop,
+                                       min_p=args.min_p, repetition_penalty=args.repetition_penalty):
+            reply.append(piece)
+            sys.stdout.write(piece)
+            sys.stdout.flush()
+        sys.stdout.write("\n")
+        messages.append({"role": "assistant", "content": "".join(reply)})
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="olmo2-fast", description="Low-latency OLMo 2 inference")
     commands = parser.add_subparsers(dest="command", required=True)
@@ -61,6 +89,11 @@ def build_parser() -> argparse.ArgumentParser:
     _add_model_args(generate)
     _add_sampling_args(generate)
     generate.set_defaults(func=cmd_generate)
+    chat = commands.add_parser("chat", help="talk to an instruct model with its chat template (one line per turn)")
+    chat.add_argument("--system", help="a system message to open the conversation")
+    _add_model_args(chat)
+    _add_sampling_args(chat)
+    chat.set_defaults(func=cmd_chat, max_new_tokens=256)
     return parser
 
 

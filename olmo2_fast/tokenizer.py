@@ -27,6 +27,12 @@ def _read_json(path: Path) -> dict:
     return data
 
 
+def _token_text(entry) -> str:
+    """tokenizer_config.json names special tokens as a string or as {"content": ...}."""
+    text = entry.get("content") if isinstance(entry, dict) else entry
+    return text if isinstance(text, str) else ""
+
+
 def _as_ids(value) -> list[int]:
     if value is None:
         return []
@@ -50,10 +56,11 @@ class Tokenizer:
             raise TokenizerError(f"tokenizer.json has {self.vocab_size} tokens but the model's embedding has only "
                                  f"{config.vocab_size} rows")
         self.chat_template = tok_config.get("chat_template")
+        self.special_text = {name: _token_text(tok_config.get(name)) for name in ("bos_token", "eos_token")}
 
         def token_id(entry):
-            text = entry.get("content") if isinstance(entry, dict) else entry
-            return self._tok.token_to_id(text) if isinstance(text, str) else None
+            text = _token_text(entry)
+            return self._tok.token_to_id(text) if text else None
 
         eos = _as_ids(gen_config.get("eos_token_id")) + list(config.eos_token_id)
         eos.append(token_id(tok_config.get("eos_token")))
@@ -71,6 +78,32 @@ class Tokenizer:
 
     def token_to_id(self, token: str) -> int | None:
         return self._tok.token_to_id(token)
+
+    def apply_chat_template(self, messages: list[dict], add_generation_prompt: bool = True) -> str:
+        """Render `messages` ([{"role": "user", "content": ...}, ...]) with the checkpoint's template.
+
+        Rendered the way transformers does it (sandboxed Jinja, trim_blocks, lstrip_blocks),
+        so the special tokens in the text (e.g. <|endoftext|> as BOS) encode as their ids.
+        """
+        if not self.chat_template:
+            raise TokenizerError("this checkpoint has no chat_template in tokenizer_config.json (base models have "
+                                 "none): use generate() with a plain prompt")
+        if not isinstance(messages, list) or not all(
+                isinstance(m, dict) and isinstance(m.get("role"), str) and isinstance(m.get("content"), str)
+                for m in messages) or not messages:
+            raise TokenizerError("messages must be a non-empty list of {'role': str, 'content': str} dicts")
+        from jinja2 import TemplateError
+        from jinja2.sandbox import ImmutableSandboxedEnvironment
+
+        def raise_exception(message):
+            raise TokenizerError(f"chat template: {message}")
+        env = ImmutableSandboxedEnvironment(trim_blocks=True, lstrip_blocks=True)
+        env.globals["raise_exception"] = raise_exception
+        try:
+            return env.from_string(self.chat_template).render(
+                messages=messages, add_generation_prompt=add_generation_prompt, **self.special_text)
+        except TemplateError as e:
+            raise TokenizerError(f"chat template failed to render: {e}") from None
 
     def stream_decoder(self) -> "StreamDecoder":
         return StreamDecoder(self)

@@ -129,3 +129,10 @@ def test_the_grown_cache_is_reused(model):
     cache = model._cache
     model.generate(PROMPTS[0], max_new_tokens=4)
     assert model._cache is cache
+
+
+def test_chat_applies_the_template(model):
+    messages = [{"role": "user", "content": "What is the capital of France?"}]
+    reply = model.chat(messages, max_new_tokens=6)
+    assert reply == model.generate(model.tokenizer.apply_chat_template(messages), max_new_tokens=6)
+    assert "".join(model.stream_chat(messages, max_new_tokens=6)) == reply

@@ -32,3 +32,11 @@ def test_python_dash_m_entry_point(tmp_path):
     proc = subprocess.run([sys.executable, "-m", "olmo2_fast", "generate", "--model", str(path), "Hi",
                            "--max-new-tokens", "3"], capture_output=True, text=True, env=env, timeout=120)
     assert proc.returncode == 0, proc.stderr
+
+
+def test_chat_reads_turns_from_stdin(tmp_path, capsys, monkeypatch):
+    import io
+    path = make_checkpoint(tmp_path)
+    monkeypatch.setattr(sys, "stdin", io.StringIO("Hello\n\nWhat now?\n"))
+    assert main(["chat", "--model", str(path), "--max-new-tokens", "4", "--system", "Be brief"]) == 0
+    assert capsys.readouterr().out.count("\n") == 2  # one reply line per user turn, the empty line skipped

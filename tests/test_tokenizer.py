@@ -76,3 +76,31 @@ def test_broken_tokenizer_files(tmp_path):
     (path / "tokenizer.json").write_text(json.dumps({"not": "a tokenizer"}))
     with pytest.raises(TokenizerError, match="could not load"):
         Tokenizer(path, config())
+
+
+def test_chat_template_renders_the_tulu_format(tokenizer):
+    messages = [{"role": "system", "content": "Be brief."}, {"role": "user", "content": "Hi"},
+                {"role": "assistant", "content": "Hello!"}, {"role": "user", "content": "Capital of France?"}]
+    text = tokenizer.apply_chat_template(messages)
+    assert text == ("<|endoftext|><|system|>\nBe brief.\n<|user|>\nHi\n<|assistant|>\nHello!<|endoftext|>\n"
+                    "<|user|>\nCapital of France?\n<|assistant|>\n")
+    assert tokenizer.encode(text)[0] == 0  # the BOS text encodes as the special token's id
+
+
+def test_chat_template_errors(tokenizer, tmp_path):
+    with pytest.raises(TokenizerError, match="non-empty list"):
+        tokenizer.apply_chat_template([{"role": "user"}])
+    path = make_checkpoint(tmp_path)
+    (path / "tokenizer_config.json").write_text(json.dumps({"eos_token": "<|endoftext|>"}))
+    with pytest.raises(TokenizerError, match="no chat_template"):
+        Tokenizer(path, config()).apply_chat_template([{"role": "user", "content": "hi"}])
+
+
+def test_chat_template_matches_transformers(tokenizer, tmp_path):
+    transformers = pytest.importorskip("transformers")
+    path = make_checkpoint(tmp_path)
+    hf = transformers.AutoTokenizer.from_pretrained(str(path))
+    messages = [{"role": "user", "content": "Hi"}, {"role": "assistant", "content": "Yo"},
+                {"role": "user", "content": "More"}]
+    assert Tokenizer(path, config()).apply_chat_template(messages) == hf.apply_chat_template(
+        messages, tokenize=False, add_generation_prompt=True)
