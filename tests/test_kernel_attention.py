@@ -1,6 +1,4 @@
 """Tests for kernels/attention.py: prefill and decode vs a float64 reference, GPU compile checks."""
-import math
-
 import pytest
 import torch
 from harness import DEVICE, assert_close_to_ref, assert_compiles_clean, kernel_spec, poisoned
@@ -140,6 +138,26 @@ def test_decode_launch_count(monkeypatch, num_splits, launches):
     assert tuple(grids[0]) == (num_splits, 2, 2)  # (splits, KV heads, sequences): shape-only
 
 
+# OLMo-2 widths: 1B (16/16 heads) and 32B (40 query heads on 8 KV heads), D=128, 4096 slots.
+REAL_HEADS = [(16, 16, 128), (40, 8, 128)]
+
+
+@pytest.mark.heavy
+@pytest.mark.parametrize("heads", REAL_HEADS, ids=lambda h: f"Hq{h[0]}-Hkv{h[1]}")
+@pytest.mark.parametrize("dtype", DTYPES)
+def test_prefill_real_widths(dtype, heads):
+    case = make_case([700, 1, 64], [700, 2000, 4096], *heads, dtype, max_seq=4096, seed=5)
+    check_against_reference(attention_prefill(*case, max_q_len=700), *case)
+
+
+@pytest.mark.heavy
+@pytest.mark.parametrize("heads", REAL_HEADS, ids=lambda h: f"Hq{h[0]}-Hkv{h[1]}")
+@pytest.mark.parametrize("dtype", DTYPES)
+def test_decode_real_widths(dtype, heads):
+    q, k_cache, v_cache, lens, cu = make_decode_case([1, 257, 2049, 4096], heads, dtype, max_seq=4096, seed=6)
+    check_against_reference(attention_decode(q, k_cache, v_cache, lens), q, k_cache, v_cache, cu, lens)
+
+
 # --------------------------------------------------------------------------- ops, errors, roofline
 
 
@@ -252,76 +270,80 @@ def test_decode_split_heuristic(batch, n_heads, n_kv_heads, max_seq, splits):
 
 # --------------------------------------------------------------------------- compile checks
 
-
-def _ptr(dtype):
-    return "*" + {torch.float32: "fp32", torch.float16: "fp16", torch.bfloat16: "bf16"}[dtype]
-
-
-def _group_arg(group):
-    """How Triton specialises the runtime `group` int: 1 becomes a constant, a multiple of
-    16 gets a divisibility hint, anything else (2, 5, 8) is a plain i32."""
-    if group == 1:
-        return "constexpr", {"group": 1}, []
-    return "i32", {}, (["group"] if group % 16 == 0 else [])
+# Every launcher decision: the kernels' tile configs come from attn.prefill_config /
+# attn.decode_config (the launcher's own functions) for each (D, dtype); the runtime int
+# `group` is specialised by Triton (1 becomes a constant; 2, 5, 8 are one plain-i32
+# specialisation, listed anyway); decode compiles with and without SPLIT.
+OLMO_HEAD_DIMS = (64, 128)
+OTHER_HEAD_DIMS = tuple(d for d in attn.SUPPORTED_HEAD_DIMS if d not in OLMO_HEAD_DIMS)
+GROUPS = (1, 2, 5, 8)
+PTR_TYPES = {torch.float32: "*fp32", torch.float16: "*fp16", torch.bfloat16: "*bf16"}
+INDEX_PTRS = ("cu_seqlens_ptr", "kv_lens_ptr")
 
 
-STRIDES = ["stride_qt", "stride_qh", "stride_ot", "stride_oh", "stride_cb", "stride_ch", "stride_cs"]
+def compile_spec(kernel_name, dtype, constexprs, group, num_warps, num_stages, label):
+    """A spec whose signature is read off the kernel's own argument names, typed the way
+    the launcher's real arguments are: cache/q/out pointers of `dtype`, int32 index
+    pointers, float32 partials, 16-byte aligned pointers and strides (multiples of D)."""
+    kernel = getattr(attn, kernel_name)
+    signature, aligned = {}, []
+    constexprs = dict(constexprs)
+    for name in kernel.arg_names:
+        if name.isupper():
+            signature[name] = "constexpr"
+        elif name.endswith("_ptr"):
+            signature[name] = "*i32" if name in INDEX_PTRS else "*fp32" if "_part_" in name else PTR_TYPES[dtype]
+            aligned.append(name)
+        elif name == "qk_scale":
+            signature[name] = "fp32"
+        elif name == "group" and group == 1:
+            signature[name], constexprs["group"] = "constexpr", 1
+        else:
+            signature[name] = "i32"
+            if name.startswith("stride_") or name == "split_len" or (name == "group" and group % 16 == 0):
+                aligned.append(name)
+    return kernel_spec(f"olmo2_fast.kernels.attention:{kernel_name}", signature, constexprs, aligned=aligned,
+                       num_warps=num_warps, num_stages=num_stages, name=f"{label} {str(dtype)[6:]} D={constexprs['HEAD_DIM']}")
 
 
-def prefill_specs(head_dims, dtypes, groups):
+def prefill_specs(head_dims, dtypes, groups=GROUPS):
     specs = []
     for dtype in dtypes:
         for head_dim in head_dims:
             cfg = attn.prefill_config(head_dim, dtype)
             for group in groups:
-                group_type, group_value, group_aligned = _group_arg(group)
-                p = _ptr(dtype)
-                signature = {"q_ptr": p, "k_ptr": p, "v_ptr": p, "out_ptr": p, "cu_seqlens_ptr": "*i32", "kv_lens_ptr": "*i32",
-                             "qk_scale": "fp32", "group": group_type, **{s: "i32" for s in STRIDES},
-                             "HEAD_DIM": "constexpr", "BLOCK_M": "constexpr", "BLOCK_N": "constexpr"}
-                specs.append(kernel_spec(
-                    "olmo2_fast.kernels.attention:_prefill_kernel", signature,
-                    {**group_value, "HEAD_DIM": head_dim, "BLOCK_M": cfg.block_m, "BLOCK_N": cfg.block_n},
-                    aligned=["q_ptr", "k_ptr", "v_ptr", "out_ptr", "cu_seqlens_ptr", "kv_lens_ptr", *STRIDES[:7], *group_aligned],
-                    num_warps=cfg.num_warps, num_stages=cfg.num_stages,
-                    name=f"prefill {dtype} D={head_dim} G={group} {cfg}"))
+                specs.append(compile_spec("_prefill_kernel", dtype,
+                                          {"HEAD_DIM": head_dim, "BLOCK_M": cfg.block_m, "BLOCK_N": cfg.block_n},
+                                          group, cfg.num_warps, cfg.num_stages, f"prefill G={group} {tuple(cfg)}"))
     return specs
 
 
-def decode_specs(head_dims, dtypes, groups):
+def decode_specs(head_dims, dtypes, groups=GROUPS):
     specs = []
     for dtype in dtypes:
         for head_dim in head_dims:
             cfg = attn.decode_config(head_dim, dtype)
             for group in groups:
                 for split in (False, True):
-                    group_type, group_value, group_aligned = _group_arg(group)
-                    p = _ptr(dtype)
-                    strides = ["stride_qb", "stride_qh", "stride_ob", "stride_oh", "stride_cb", "stride_ch", "stride_cs"]
-                    signature = {"q_ptr": p, "k_ptr": p, "v_ptr": p, "out_ptr": p, "m_part_ptr": "*fp32", "l_part_ptr": "*fp32",
-                                 "acc_part_ptr": "*fp32", "kv_lens_ptr": "*i32", "qk_scale": "fp32", "group": group_type,
-                                 "n_heads": "i32", "split_len": "i32", **{s: "i32" for s in strides},
-                                 "HEAD_DIM": "constexpr", "BLOCK_G": "constexpr", "BLOCK_N": "constexpr", "SPLIT": "constexpr"}
-                    aligned = ["q_ptr", "k_ptr", "v_ptr", "out_ptr", "m_part_ptr", "l_part_ptr", "acc_part_ptr", "kv_lens_ptr",
-                               "split_len", *strides, *group_aligned]
-                    specs.append(kernel_spec(
-                        "olmo2_fast.kernels.attention:_decode_kernel", signature,
-                        {**group_value, "HEAD_DIM": head_dim, "BLOCK_G": cfg.block_m, "BLOCK_N": cfg.block_n, "SPLIT": split},
-                        aligned=aligned, num_warps=cfg.num_warps, num_stages=cfg.num_stages,
-                        name=f"decode {dtype} D={head_dim} G={group} split={split} {cfg}"))
+                    specs.append(compile_spec(
+                        "_decode_kernel", dtype,
+                        {"HEAD_DIM": head_dim, "BLOCK_G": cfg.block_m, "BLOCK_N": cfg.block_n, "SPLIT": split},
+                        group, cfg.num_warps, cfg.num_stages, f"decode G={group} split={split} {tuple(cfg)}"))
+            specs.append(compile_spec("_decode_reduce_kernel", dtype, {"HEAD_DIM": head_dim, "MAX_SPLITS": attn.MAX_SPLITS},
+                                      None, attn.REDUCE_NUM_WARPS, 3, "reduce"))
     return specs
 
 
-def reduce_specs(head_dims, dtypes):
-    specs = []
-    for dtype in dtypes:
-        for head_dim in head_dims:
-            signature = {"out_ptr": _ptr(dtype), "m_part_ptr": "*fp32", "l_part_ptr": "*fp32", "acc_part_ptr": "*fp32",
-                         "n_heads": "i32", "n_splits": "i32", "stride_ob": "i32", "stride_oh": "i32",
-                         "HEAD_DIM": "constexpr", "MAX_SPLITS": "constexpr"}
-            specs.append(kernel_spec(
-                "olmo2_fast.kernels.attention:_decode_reduce_kernel", signature,
-                {"HEAD_DIM": head_dim, "MAX_SPLITS": attn.MAX_SPLITS},
-                aligned=["out_ptr", "m_part_ptr", "l_part_ptr", "acc_part_ptr", "stride_ob", "stride_oh"],
-                num_warps=attn.REDUCE_NUM_WARPS, name=f"reduce {dtype} D={head_dim}"))
-    return specs
+def test_compiles_for_gpu_olmo_head_dims():
+    # The prefill dots must be mma (sm_80) / wgmma (sm_90) for bf16 and fp16.
+    assert_compiles_clean(prefill_specs(OLMO_HEAD_DIMS, (torch.float16, torch.bfloat16)), need_mma=True)
+    # Decode is memory-bound: its K/V tiles (and the reducer's partials) must load as ld.global.v4.
+    assert_compiles_clean(decode_specs(OLMO_HEAD_DIMS, attn.FLOAT_DTYPES), need_vector_loads=True)
+    # float32 prefill runs IEEE dots on FMA units: no mma, but no spills either.
+    assert_compiles_clean(prefill_specs(OLMO_HEAD_DIMS, (torch.float32,)))
+
+
+@pytest.mark.heavy
+def test_compiles_for_gpu_other_head_dims():
+    assert_compiles_clean(prefill_specs(OTHER_HEAD_DIMS, (torch.float16, torch.bfloat16)), need_mma=True)
+    assert_compiles_clean(decode_specs(OTHER_HEAD_DIMS, attn.FLOAT_DTYPES) + prefill_specs(OTHER_HEAD_DIMS, (torch.float32,)))
