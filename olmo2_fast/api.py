@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import logging
 import os
+import shutil
 import sys
 from pathlib import Path
 from typing import Iterator, Sequence
@@ -10,7 +11,7 @@ from typing import Iterator, Sequence
 import torch
 
 from .cache import KVCache, cache_bytes
-from .checkpoint import CONFIG_FILE, iter_checkpoint, parse_dtype, resolve_checkpoint
+from .checkpoint import CONFIG_FILE, iter_checkpoint, parse_dtype, resolve_checkpoint, save_checkpoint
 from .config import Olmo2Config
 from .errors import CheckpointError, GenerationError
 from .generate import run_generation
@@ -22,7 +23,8 @@ from .tokenizer import Tokenizer
 logger = logging.getLogger("olmo2_fast")
 
 BACKENDS = ("auto", "torch", "triton")
-SEQ_ROUNDING = 256  # the cache grows in steps of this many positions
+SEQ_ROUNDING = 256
+TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "generation_config.json", "special_tokens_map.json")  # the cache grows in steps of this many positions
 
 
 def enable_triton_interpreter():
@@ -67,8 +69,8 @@ class OLMo2:
     """An OLMo 2 checkpoint ready to run: model, tokenizer and a static KV cache."""
 
     def __init__(self, engine, tokenizer: Tokenizer, config: Olmo2Config, device: torch.device, dtype: torch.dtype,
-                 backend: str, max_batch_size: int | None = None, max_seq_len: int | None = None):
-        self.engine, self.tokenizer, self.config = engine, tokenizer, config
+                 backend: str, source_dir: Path, max_batch_size: int | None = None, max_seq_len: int | None = None):
+        self.engine, self.tokenizer, self.config, self.source_dir = engine, tokenizer, config, source_dir
         self.device, self.dtype, self.backend = device, dtype, backend
         self._cache: KVCache | None = None
         self._fixed_cache = max_batch_size is not None or max_seq_len is not None
@@ -84,8 +86,8 @@ class OLMo2:
 
         device: "cpu" / "cuda" (default: cuda when available). dtype: bfloat16 / float32 /
         float16 (default: bfloat16 on CUDA, float32 on CPU). backend: "triton" (our kernels),
-        "torch" (the plain-PyTorch reference) or "auto" (triton on CUDA, torch on CPU; triton on a
-        CPU runs the kernels under Triton's interpreter: slow, for testing). quantize: None or
+        "torch" (the plain-PyTorch reference) or "auto" (triton on CUDA or for int4 weights, torch
+        on CPU; triton on a CPU runs the kernels under Triton's interpreter: slow, for testing). quantize: None or
         "int4" (group-128 weight-only, triton backend). max_batch_size / max_seq_len: preallocate
         the KV cache (default: grown to fit each request). progress: progress bar over tensors
         (default: when stderr is a terminal). cuda_graphs: replay decode steps as CUDA graphs.
@@ -95,10 +97,12 @@ class OLMo2:
         if quantize not in (None, "int4"):
             raise CheckpointError(f"unsupported quantize={quantize!r}: choose None or 'int4'")
         device = resolve_device(device)
-        if backend == "auto":
-            backend = "triton" if device.type == "cuda" else "torch"
-        if quantize is not None and backend != "triton":
-            raise CheckpointError(f"quantize={quantize!r} runs on the int4 kernels: use backend='triton'")
+        directory = resolve_checkpoint(path, revision)
+        config = Olmo2Config.from_json_file(directory / CONFIG_FILE)
+        if backend == "auto":  # int4 weights exist only for the kernels
+            backend = "triton" if device.type == "cuda" or quantize or config.quantization else "torch"
+        if (quantize or config.quantization) and backend != "triton":
+            raise CheckpointError("int4 weights run on the int4 kernels: use backend='triton' (the default on CUDA)")
         if backend == "triton" and device.type == "cpu":
             logger.warning("backend='triton' on a CPU runs the kernels under Triton's interpreter: slow, for testing")
             enable_triton_interpreter()
@@ -119,7 +123,22 @@ class OLMo2:
                 from .graphs import DecodeGraphs
 
                 engine.graphs = DecodeGraphs(engine)
-        return cls(engine, tokenizer, config, device, dtype, backend, max_batch_size, max_seq_len)
+        return cls(engine, tokenizer, config, device, dtype, backend, directory, max_batch_size, max_seq_len)
+
+    def save_pretrained(self, path: str | Path, num_shards: int = 1) -> Path:
+        """Write the model as a checkpoint directory that from_pretrained loads: config.json, safetensors
+        and the tokenizer files. A quantize="int4" model saves its packed int4 weights, so reloading it
+        skips quantisation."""
+        if self.backend == "torch":
+            config, tensors = self.config, dict(self.engine.state_dict())
+        else:
+            config, tensors = self.engine.checkpoint_tensors()
+        config = config.with_(torch_dtype=str(self.dtype).removeprefix("torch."))
+        path = save_checkpoint(path, config, tensors, num_shards=num_shards)
+        for name in TOKENIZER_FILES:
+            if (self.source_dir / name).is_file():
+                shutil.copyfile(self.source_dir / name, path / name)
+        return path
 
     # ------------------------------------------------------------------ logits
 

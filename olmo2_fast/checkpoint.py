@@ -15,7 +15,7 @@ import torch
 from safetensors import SafetensorError, safe_open
 from safetensors.torch import save_file
 
-from .config import Olmo2Config
+from .config import INT4_GROUP_SIZE, Olmo2Config
 from .errors import CheckpointError
 from .progress import Progress
 
@@ -36,7 +36,12 @@ def parse_dtype(dtype) -> torch.dtype:
 
 
 def expected_shapes(config: Olmo2Config) -> dict[str, tuple[int, ...]]:
-    """Every tensor an OLMo 2 checkpoint must hold, by its Hugging Face name."""
+    """Every tensor an OLMo 2 checkpoint must hold, by its Hugging Face name.
+
+    A checkpoint saved quantised (config.quantization set) holds the fused projections
+    instead, each as `<name>.qweight` (int32 [K // 8, N]) and `<name>.scales` / `.zeros`
+    ([K // 128, N]), in the layout of olmo2_fast.kernels.int4_format.
+    """
     h, i = config.hidden_size, config.intermediate_size
     shapes = {"model.embed_tokens.weight": (config.vocab_size, h), "model.norm.weight": (h,)}
     if not config.tie_word_embeddings:
@@ -44,18 +49,27 @@ def expected_shapes(config: Olmo2Config) -> dict[str, tuple[int, ...]]:
     for layer in range(config.num_hidden_layers):
         p = f"model.layers.{layer}."
         shapes.update({
-            p + "self_attn.q_proj.weight": (config.q_width, h),
-            p + "self_attn.k_proj.weight": (config.kv_width, h),
-            p + "self_attn.v_proj.weight": (config.kv_width, h),
-            p + "self_attn.o_proj.weight": (h, config.q_width),
             p + "self_attn.q_norm.weight": (config.q_width,),
             p + "self_attn.k_norm.weight": (config.kv_width,),
-            p + "mlp.gate_proj.weight": (i, h),
-            p + "mlp.up_proj.weight": (i, h),
-            p + "mlp.down_proj.weight": (h, i),
             p + "post_attention_layernorm.weight": (h,),
             p + "post_feedforward_layernorm.weight": (h,),
         })
+        if config.quantization:
+            fused = {"self_attn.qkv_proj": (config.q_width + 2 * config.kv_width, h),
+                     "self_attn.o_proj": (h, config.q_width), "mlp.gate_up_proj": (2 * i, h), "mlp.down_proj": (h, i)}
+            for name, (n, k) in fused.items():
+                shapes[f"{p}{name}.qweight"] = (k // 8, n)
+                shapes[f"{p}{name}.scales"] = shapes[f"{p}{name}.zeros"] = (k // INT4_GROUP_SIZE, n)
+        else:
+            shapes.update({
+                p + "self_attn.q_proj.weight": (config.q_width, h),
+                p + "self_attn.k_proj.weight": (config.kv_width, h),
+                p + "self_attn.v_proj.weight": (config.kv_width, h),
+                p + "self_attn.o_proj.weight": (h, config.q_width),
+                p + "mlp.gate_proj.weight": (i, h),
+                p + "mlp.up_proj.weight": (i, h),
+                p + "mlp.down_proj.weight": (h, i),
+            })
     return shapes
 
 
@@ -140,10 +154,16 @@ def iter_checkpoint(directory: Path, config: Olmo2Config, dtype: torch.dtype, de
                     if tuple(tensor.shape) != expected[name]:
                         raise CheckpointError(f"tensor {name} in {path.name} has shape {tuple(tensor.shape)}, "
                                               f"expected {expected[name]} from config.json")
-                    if tensor.dtype not in LOADABLE_DTYPES:
+                    if name.endswith(".qweight"):  # packed int4 codes stay int32
+                        if tensor.dtype != torch.int32:
+                            raise CheckpointError(f"tensor {name} in {path.name} has dtype {tensor.dtype}, expected "
+                                                  "int32 packed int4 codes")
+                        yield name, tensor.to(device=device)
+                    elif tensor.dtype not in LOADABLE_DTYPES:
                         raise CheckpointError(f"tensor {name} in {path.name} has dtype {tensor.dtype}; supported: "
                                               "float32, bfloat16, float16")
-                    yield name, tensor.to(device=device, dtype=dtype)
+                    else:
+                        yield name, tensor.to(device=device, dtype=dtype)
                     bar.advance()
     except SafetensorError as e:
         raise CheckpointError(f"could not read {path}: {e}") from None

@@ -15,6 +15,8 @@ from pathlib import Path
 from .errors import ConfigError
 
 ROPE_TYPES = ("default", "linear")
+INT4_METHOD = "olmo2_fast_int4"  # quant_method of checkpoints saved by OLMo2.save_pretrained after quantize="int4"
+INT4_GROUP_SIZE = 128
 
 
 @dataclass(frozen=True)
@@ -35,6 +37,7 @@ class Olmo2Config:
     bos_token_id: int | None = None
     eos_token_id: tuple[int, ...] = field(default_factory=tuple)
     pad_token_id: int | None = None
+    quantization: str | None = None  # INT4_METHOD for checkpoints saved quantised by olmo2_fast
 
     def __post_init__(self):
         positive = ("hidden_size", "intermediate_size", "num_hidden_layers", "num_attention_heads",
@@ -104,6 +107,7 @@ class Olmo2Config:
             return raw[name]
 
         theta, factor = _rope(raw, source)
+        quantization = _quantization(raw.get("quantization_config"), source)
         heads = required("num_attention_heads")
         eos = raw.get("eos_token_id")
         eos_ids = tuple(eos) if isinstance(eos, list) else (() if eos is None else (eos,))
@@ -124,6 +128,7 @@ class Olmo2Config:
             bos_token_id=raw.get("bos_token_id"),
             eos_token_id=eos_ids,
             pad_token_id=raw.get("pad_token_id"),
+            quantization=quantization,
         )
 
     @classmethod
@@ -168,6 +173,8 @@ class Olmo2Config:
             "eos_token_id": list(self.eos_token_id) if len(self.eos_token_id) > 1
             else (self.eos_token_id[0] if self.eos_token_id else None),
             "pad_token_id": self.pad_token_id,
+            **({"quantization_config": {"quant_method": self.quantization, "bits": 4, "group_size": INT4_GROUP_SIZE}}
+               if self.quantization else {}),
         }
 
     def with_(self, **changes) -> "Olmo2Config":
@@ -175,6 +182,16 @@ class Olmo2Config:
 
     def as_dict(self) -> dict:
         return asdict(self)
+
+
+def _quantization(spec, source: str) -> str | None:
+    if spec is None:
+        return None
+    method = spec.get("quant_method") if isinstance(spec, dict) else None
+    if method != INT4_METHOD or spec.get("group_size", INT4_GROUP_SIZE) != INT4_GROUP_SIZE:
+        raise ConfigError(f"{source}: quantization_config {spec!r} is not supported; olmo2_fast loads unquantised "
+                          f"checkpoints (quantize='int4' at load) and its own {INT4_METHOD!r} group-128 checkpoints")
+    return method
 
 
 def _rope(raw: dict, source: str) -> tuple[float, float]:

@@ -23,10 +23,11 @@ import torch
 import torch.nn.functional as F
 
 from .cache import KVCache, StepBatch
-from .config import Olmo2Config
+from .checkpoint import expected_shapes
+from .config import INT4_METHOD, Olmo2Config
 from .errors import CheckpointError
 from .kernels.attention import SUPPORTED_HEAD_DIMS, attention_decode, attention_prefill
-from .kernels.int4_format import GROUP_SIZE, Int4Weight, quantize_int4
+from .kernels.int4_format import GROUP_SIZE, Int4Weight, int4_tensors, quantize_int4
 from .kernels.int4_matmul import int4_matmul
 from .kernels.qk_norm_rope import qk_norm_rope
 from .kernels.rmsnorm import residual_rmsnorm, rmsnorm
@@ -81,6 +82,12 @@ class Olmo2Fast:
         def maybe_quantize(w: torch.Tensor) -> Weight:
             return quantize_int4(w) if quantize == "int4" else w
 
+        def fused(p: dict[str, torch.Tensor], name: str, parts: tuple[str, ...]) -> Weight:
+            if config.quantization:  # saved quantised: already fused and packed
+                return Int4Weight.from_tensors(p, prefix=f"{name}.")
+            return maybe_quantize(torch.cat([p.pop(f"{part}.weight") for part in parts]))
+
+        per_layer = sum(1 for n in expected_shapes(config) if n.startswith("model.layers.0."))
         pending: dict[int, dict[str, torch.Tensor]] = {}
         layers: list[LayerWeights | None] = [None] * config.num_hidden_layers
         top: dict[str, torch.Tensor] = {}
@@ -89,24 +96,52 @@ class Olmo2Fast:
                 top[name] = tensor
                 continue
             index_text, _, rest = name[len("model.layers."):].partition(".")
-            index = int(index_text)
-            parts = pending.setdefault(index, {})
+            parts = pending.setdefault(int(index_text), {})
             parts[rest] = tensor
-            if len(parts) == 11:  # every tensor of this layer has arrived
-                p = pending.pop(index)
-                layers[index] = LayerWeights(
-                    qkv=maybe_quantize(torch.cat([p.pop("self_attn.q_proj.weight"), p.pop("self_attn.k_proj.weight"),
-                                                  p.pop("self_attn.v_proj.weight")])),
+            if len(parts) == per_layer:  # every tensor of this layer has arrived: fuse it now
+                p = pending.pop(int(index_text))
+                layers[int(index_text)] = LayerWeights(
+                    qkv=fused(p, "self_attn.qkv_proj", ("self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj")),
                     q_norm=p["self_attn.q_norm.weight"], k_norm=p["self_attn.k_norm.weight"],
-                    o=maybe_quantize(p["self_attn.o_proj.weight"]),
-                    gate_up=maybe_quantize(torch.cat([p.pop("mlp.gate_proj.weight"), p.pop("mlp.up_proj.weight")])),
-                    down=maybe_quantize(p["mlp.down_proj.weight"]),
+                    o=fused(p, "self_attn.o_proj", ("self_attn.o_proj",)),
+                    gate_up=fused(p, "mlp.gate_up_proj", ("mlp.gate_proj", "mlp.up_proj")),
+                    down=fused(p, "mlp.down_proj", ("mlp.down_proj",)),
                     post_attention_norm=p["post_attention_layernorm.weight"],
                     post_feedforward_norm=p["post_feedforward_layernorm.weight"],
                 )
         embed = top["model.embed_tokens.weight"]
         lm_head = embed if config.tie_word_embeddings else top["lm_head.weight"]
         return cls(config, embed, layers, top["model.norm.weight"], lm_head)
+
+    @property
+    def quantized(self) -> bool:
+        return isinstance(self.layers[0].qkv, Int4Weight)
+
+    def checkpoint_tensors(self) -> tuple[Olmo2Config, dict[str, torch.Tensor]]:
+        """(config, tensors by checkpoint name) to save: HF names when unquantised; the fused int4
+        layout (see checkpoint.expected_shapes) when quantised, so loading skips quantisation."""
+        cfg = self.config.with_(quantization=INT4_METHOD if self.quantized else None)
+        tensors = {"model.embed_tokens.weight": self.embed, "model.norm.weight": self.norm}
+        if not cfg.tie_word_embeddings:
+            tensors["lm_head.weight"] = self.lm_head
+        split = {"self_attn.qkv_proj": ("self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj"),
+                 "self_attn.o_proj": ("self_attn.o_proj",), "mlp.gate_up_proj": ("mlp.gate_proj", "mlp.up_proj"),
+                 "mlp.down_proj": ("mlp.down_proj",)}
+        widths = {"self_attn.q_proj": cfg.q_width, "self_attn.k_proj": cfg.kv_width, "self_attn.v_proj": cfg.kv_width,
+                  "mlp.gate_proj": cfg.intermediate_size, "mlp.up_proj": cfg.intermediate_size}
+        for index, w in enumerate(self.layers):
+            p = f"model.layers.{index}."
+            tensors.update({p + "self_attn.q_norm.weight": w.q_norm, p + "self_attn.k_norm.weight": w.k_norm,
+                            p + "post_attention_layernorm.weight": w.post_attention_norm,
+                            p + "post_feedforward_layernorm.weight": w.post_feedforward_norm})
+            for name, weight in zip(split, (w.qkv, w.o, w.gate_up, w.down)):
+                if self.quantized:
+                    tensors.update(int4_tensors(weight, prefix=f"{p}{name}."))
+                    continue
+                parts = split[name]
+                pieces = weight.split([widths[part] for part in parts]) if len(parts) > 1 else (weight,)
+                tensors.update({f"{p}{part}.weight": piece for part, piece in zip(parts, pieces)})
+        return cfg, tensors
 
     # ------------------------------------------------------------------ forward
 

@@ -84,3 +84,12 @@ def test_presets_match_the_published_models():
     assert preset("32B").group_size == 5 and preset("7b").head_dim == 128
     with pytest.raises(ConfigError, match="unknown model size"):
         preset("70b")
+
+
+def test_quantization_configs_other_than_ours_are_refused(tmp_path):
+    gptq = hf4_dict(quantization_config={"quant_method": "gptq", "bits": 4, "group_size": 128})
+    with pytest.raises(ConfigError, match="quantization_config .* is not supported"):
+        Olmo2Config.from_json_file(write(tmp_path, gptq))
+    ours = hf4_dict(quantization_config={"quant_method": "olmo2_fast_int4", "bits": 4, "group_size": 128})
+    cfg = Olmo2Config.from_json_file(write(tmp_path, ours))
+    assert cfg.quantization == "olmo2_fast_int4" and cfg.to_hf_dict()["quantization_config"]["group_size"] == 128

@@ -130,3 +130,30 @@ def test_cuda_graph_decode_equals_eager(checkpoint):
     assert graphed.engine.graphs is not None
     for batch in (PROMPTS[:1], PROMPTS):
         assert graphed.generate(batch, max_new_tokens=12) == eager.generate(batch, max_new_tokens=12)
+
+
+def test_an_int4_model_saves_and_reloads_without_requantising(tmp_path, monkeypatch):
+    source = make_checkpoint(tmp_path / "src", seed=9, **INT4_SHAPE)
+    quantized = OLMo2.from_pretrained(source, device=DEVICE, backend="triton", quantize="int4")
+    saved = quantized.save_pretrained(tmp_path / "int4", num_shards=2)
+    assert (saved / "tokenizer.json").is_file()
+    import olmo2_fast.model as model_module
+
+    def no_quantize(*args, **kwargs):
+        raise AssertionError("a saved int4 checkpoint must load without quantising")
+    monkeypatch.setattr(model_module, "quantize_int4", no_quantize)
+    reloaded = OLMo2.from_pretrained(saved, device=DEVICE)  # backend "auto" picks the kernels for int4 weights
+    ids = torch.randint(0, 400, (1, 7), device=DEVICE)
+    torch.testing.assert_close(reloaded(ids), quantized(ids), rtol=0, atol=0)
+    assert reloaded.config.quantization == "olmo2_fast_int4"
+
+
+@pytest.mark.parametrize("backend", ["torch", "triton"])
+def test_unquantised_models_save_in_the_hugging_face_layout(tmp_path, backend):
+    source = make_checkpoint(tmp_path / "src", seed=10, **SHAPES["gqa5"])
+    model = OLMo2.from_pretrained(source, device=DEVICE, backend=backend)
+    saved = model.save_pretrained(tmp_path / "out")
+    reloaded = OLMo2.from_pretrained(saved, device=DEVICE, backend="torch")
+    ids = torch.randint(0, 400, (1, 9), device=DEVICE)
+    torch.testing.assert_close(reloaded(ids), OLMo2.from_pretrained(source, device=DEVICE, backend="torch")(ids),
+                               rtol=0, atol=0)
