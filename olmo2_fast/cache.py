@@ -68,6 +68,20 @@ class StepBatch:
     host_segments: list[tuple[int, int, int]]
 
     @classmethod
+    def decode(cls, ids: torch.Tensor, lengths: list[int], device) -> "StepBatch":
+        """One new token per sequence: ids (B,) already on the device (no host round trip),
+        lengths[b] = tokens sequence b has cached before this one."""
+        n = len(lengths)
+        positions = torch.tensor(lengths, dtype=torch.int32).to(device, non_blocking=True)
+        rows = torch.arange(n, dtype=torch.int32, device=device)
+        return cls(
+            input_ids=ids, positions=positions, seq_ids=rows,
+            cu_seqlens=torch.arange(n + 1, dtype=torch.int32, device=device), kv_lens=positions + 1,
+            last_token_rows=rows.long(), max_q_len=1,
+            host_segments=[(b, b + 1, length + 1) for b, length in enumerate(lengths)],
+        )
+
+    @classmethod
     def build(cls, chunks: list[list[int]], start_positions: list[int], device) -> "StepBatch":
         """chunks[b]: the new token ids of sequence b (>= 1 each); start_positions[b]: how many it has cached."""
         ids, positions, seq_ids, cu, kv_lens, segments = [], [], [], [0], [], []

@@ -58,13 +58,43 @@ class SequenceState:
         return piece
 
 
+class _HostIds:
+    """Brings each step's sampled ids to the host without stalling the device.
+
+    On CUDA the copy goes to pinned memory behind an event, so the next decode step can be
+    queued before the host waits: the host's per-token work (detokenising, stop strings)
+    overlaps the device's next step instead of adding to it.
+    """
+
+    def __init__(self, batch: int, device: torch.device):
+        self.cuda = device.type == "cuda"
+        if self.cuda:
+            self.buffer = torch.empty(batch, dtype=torch.int64, pin_memory=True)
+            self.ready = torch.cuda.Event()
+
+    def start(self, ids: torch.Tensor):
+        if self.cuda:
+            self.buffer.copy_(ids, non_blocking=True)
+            self.ready.record()
+        else:
+            self.ids = ids
+
+    def wait(self) -> list[int]:
+        if self.cuda:
+            self.ready.synchronize()
+            return self.buffer.tolist()
+        return self.ids.tolist()
+
+
 def run_generation(engine, cache: KVCache, tokenizer: Tokenizer, prompts: list[list[int]], *,
                    max_new_tokens: int, params: SamplingParams, seeds: list[int | None],
                    stop: tuple[str, ...] = ()) -> Iterator[list[SequenceState]]:
     """Generate for a batch of prompts; yields the states after every step until all are done.
 
+    One packed prefill for all prompts, then one decode step per token for all rows.
     Sequences that finish early keep their cache row and are stepped with the rest (their
-    outputs ignored), so one batched step serves all rows.
+    outputs ignored). Step t+1 is queued before step t's ids reach the host, so when
+    every sequence stops, one step has been computed in vain.
     """
     device = cache.k.device
     states = [SequenceState(len(p), tokenizer.stream_decoder(), stop) for p in prompts]
@@ -80,21 +110,25 @@ def run_generation(engine, cache: KVCache, tokenizer: Tokenizer, prompts: list[l
         seen = torch.zeros(len(prompts), engine.config.vocab_size, dtype=torch.bool, device=device)
         for row, prompt in enumerate(prompts):
             seen[row, torch.tensor(prompt, device=device)] = True
-    lengths = [0] * len(prompts)
-    chunks = prompts
-    while True:
-        batch = StepBatch.build(chunks, lengths, device)
+
+    def next_ids(batch: StepBatch) -> torch.Tensor:
         with torch.inference_mode():
-            logits = engine.step(batch, cache)
-        next_ids = sample(logits, params, tokenizer.vocab_size, generators, seen)
+            ids = sample(engine.step(batch, cache), params, tokenizer.vocab_size, generators, seen)
         if seen is not None:
-            seen.scatter_(1, next_ids[:, None], True)
-        host_ids = next_ids.tolist()  # the one device-to-host read per step
-        for state, token in zip(states, host_ids):
+            seen.scatter_(1, ids[:, None], True)
+        return ids
+
+    host = _HostIds(len(prompts), device)
+    lengths = [len(p) for p in prompts]
+    ids = next_ids(StepBatch.build(prompts, [0] * len(prompts), device))
+    for produced in range(1, max_new_tokens + 1):
+        host.start(ids)
+        if produced < max_new_tokens:  # queue the next step before reading this one's ids
+            ids = next_ids(StepBatch.decode(ids, lengths, device))
+            lengths = [n + 1 for n in lengths]
+        for state, token in zip(states, host.wait()):
             if not state.done:
                 state.add(token, tokenizer.eos_ids, max_new_tokens)
         yield states
         if all(s.done for s in states):
             return
-        lengths = [length + len(chunk) for length, chunk in zip(lengths, chunks)]
-        chunks = [[token] for token in host_ids]
