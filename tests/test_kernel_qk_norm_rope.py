@@ -73,6 +73,15 @@ def test_published_widths(n_q_heads, n_kv_heads, dtype, nan_allocations):
     _run_and_check(_inputs(n_q_heads, n_kv_heads, 128, dtype, [2, 0, 1], [5, 77, 130], 3, 136))
 
 
+@pytest.mark.heavy
+@pytest.mark.parametrize("dtype", ALL_DTYPES)
+def test_prefill_32b(dtype, nan_allocations):
+    """A 1000-token prefill step of two sequences at 32B widths (Hq=40, Hkv=8)."""
+    seq_ids = [0] * 600 + [1] * 400
+    positions = list(range(600)) + list(range(1000, 1400))
+    _run_and_check(_inputs(40, 8, 128, dtype, seq_ids, positions, 2, 1400))
+
+
 @pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
 @pytest.mark.parametrize("n_q_heads, n_kv_heads, head_dim", [(10, 2, 64), (40, 8, 128)])
 def test_rounds_like_hf(n_q_heads, n_kv_heads, head_dim, dtype):
@@ -205,22 +214,24 @@ def test_cost():
 
 
 def test_compiles_for_gpu():
+    """Every config the launcher picks for the published sizes; the signature is read off
+    the kernel's arguments so it cannot drift from them."""
+    kernel = qk_module._qk_norm_rope_kernel
     configs = {tuple(sorted(qk_module._config(hq, hkv, 128).items())) for hq, hkv in PUBLISHED_HEADS}
-    pointers = ("q_ptr", "qkv_ptr", "q_weight_ptr", "k_weight_ptr", "k_cache_ptr", "v_cache_ptr")
-    strides = ("stride_q_t", "stride_q_h", "stride_qkv_t", "stride_kc_b", "stride_kc_h", "stride_kc_s",
-               "stride_vc_b", "stride_vc_h", "stride_vc_s")
     specs = []
     for ptr in ("*fp16", "*bf16"):
         for config in map(dict, configs):
             num_warps = config.pop("num_warps")
-            signature = dict(
-                **{name: ptr for name in pointers[:4]}, positions_ptr="*i32", seq_ids_ptr="*i32",
-                **{name: ptr for name in pointers[4:]}, n_q_heads="i32", n_kv_heads="i32",
-                **{name: "i32" for name in strides}, eps="fp32", rope_theta="fp32", rope_scaling_factor="fp32",
-                **{name: "constexpr" for name in config})
+            signature = {
+                name: "constexpr" if name.isupper() else
+                "*i32" if name in ("positions_ptr", "seq_ids_ptr") else ptr if name.endswith("_ptr") else
+                "fp32" if name in ("eps", "rope_theta", "rope_scaling_factor") else "i32"
+                for name in kernel.arg_names
+            }
             specs.append(kernel_spec(
                 "olmo2_fast.kernels.qk_norm_rope:_qk_norm_rope_kernel", signature, config,
-                # Head counts (40, 8) are not multiples of 16; every stride is (D = 128).
-                aligned=pointers + ("positions_ptr", "seq_ids_ptr") + strides,
+                # Pointers are 16-byte aligned and every stride is a multiple of D = 128;
+                # head counts (40, 8) are not multiples of 16.
+                aligned=[name for name in signature if name.endswith("_ptr") or name.startswith("stride")],
                 num_warps=num_warps, name=f"qk_norm_rope {ptr} {config} w{num_warps}"))
     assert_compiles_clean(specs, need_vector_loads=True)

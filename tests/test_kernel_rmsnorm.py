@@ -91,6 +91,18 @@ def test_residual_rmsnorm_matches_float64(dtype, n_tokens, hidden, nan_allocatio
     assert_close_to_ref(out, ref64, residual_rmsnorm_reference(residual, x, weight, EPS))
 
 
+@pytest.mark.heavy
+@pytest.mark.parametrize("dtype", ALL_DTYPES)
+@pytest.mark.parametrize("hidden", PUBLISHED_HIDDEN)
+def test_prefill_rows(dtype, hidden, nan_allocations):
+    x, weight, residual = _inputs(1024, hidden, dtype)
+    assert_close_to_ref(rmsnorm(x, weight, EPS), rmsnorm_reference(x.double(), weight.double(), EPS),
+                        rmsnorm_reference(x, weight, EPS))
+    assert_close_to_ref(residual_rmsnorm(residual, x, weight, EPS),
+                        residual_rmsnorm_reference(residual.double(), x.double(), weight.double(), EPS),
+                        residual_rmsnorm_reference(residual, x, weight, EPS))
+
+
 @pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
 def test_strided_rows_and_exact_match(dtype, nan_allocations):
     """Row strides other than H are honoured, and in 16-bit dtypes the kernel equals

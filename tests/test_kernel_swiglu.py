@@ -25,6 +25,14 @@ def test_swiglu_matches_float64(dtype, n_tokens, intermediate, nan_allocations):
     assert_close_to_ref(out, swiglu_reference(gate_up.double()), swiglu_reference(gate_up))
 
 
+@pytest.mark.heavy
+@pytest.mark.parametrize("dtype", ALL_DTYPES)
+@pytest.mark.parametrize("intermediate", PUBLISHED_INTERMEDIATE)
+def test_prefill_rows(dtype, intermediate, nan_allocations):
+    gate_up = _gate_up(256, intermediate, dtype)
+    assert_close_to_ref(swiglu(gate_up), swiglu_reference(gate_up.double()), swiglu_reference(gate_up))
+
+
 @pytest.mark.filterwarnings("ignore:overflow encountered in exp:RuntimeWarning")  # intended, see docstring
 @pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
 def test_strided_rows_and_extreme_gates(dtype, nan_allocations):
