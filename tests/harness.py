@@ -62,6 +62,17 @@ def assert_close_to_ref(out: torch.Tensor, ref64: torch.Tensor, torch_out: torch
     assert err <= bound, f"max error {err:.3e} > {factor} x torch's {torch_err:.3e} + {atol:.1e} ({out.dtype})"
 
 
+def run_without_interpreter(code: str):
+    """Run `code` in a fresh process with compiled (not interpreted) Triton kernels.
+
+    FakeTensor/meta shape inference of a triton_op goes through torch's Triton
+    higher-order op, which only knows compiled JITFunctions; it needs no GPU.
+    """
+    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
+    proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=env, timeout=300)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+
+
 # --------------------------------------------------------------------------- compile
 
 

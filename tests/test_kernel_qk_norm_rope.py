@@ -3,11 +3,10 @@ cache slots, HF parity of the reference, errors, registered op, roofline, GPU co
 import pytest
 import torch
 
-from harness import ALL_DTYPES, DEVICE, INTERPRETED, assert_close_to_ref, assert_compiles_clean, kernel_spec, poisoned
+from harness import ALL_DTYPES, DEVICE, INTERPRETED, assert_close_to_ref, assert_compiles_clean, kernel_spec, poisoned, run_without_interpreter
 from olmo2_fast.kernels import qk_norm_rope as qk_module
 from olmo2_fast.kernels.qk_norm_rope import qk_norm_rope, qk_norm_rope_cost, qk_norm_rope_reference
 from olmo2_fast.kernels.roofline import Cost
-from test_kernel_rmsnorm import gpu_bf16_rounding, nan_allocations, run_without_interpreter  # noqa: F401 (fixtures)
 
 EPS = 1e-6
 THETA = 500000.0

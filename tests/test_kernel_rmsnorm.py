@@ -1,18 +1,9 @@
-"""rmsnorm / residual_rmsnorm: interpreter numerics vs float64, HF parity, errors, GPU compile.
+"""rmsnorm / residual_rmsnorm: interpreter numerics vs float64, HF parity, errors, GPU compile."""
 
-Also defines two fixtures the other element-wise kernel tests import:
-`gpu_bf16_rounding` (autouse) and `nan_allocations`.
-"""
-import os
-import subprocess
-import sys
-
-import numpy as np
 import pytest
 import torch
-import triton.language as tl
 
-from harness import ALL_DTYPES, DEVICE, INTERPRETED, assert_close_to_ref, assert_compiles_clean, kernel_spec
+from harness import ALL_DTYPES, DEVICE, assert_close_to_ref, assert_compiles_clean, kernel_spec, run_without_interpreter
 from olmo2_fast.kernels import rmsnorm as rmsnorm_module
 from olmo2_fast.kernels.rmsnorm import (
     MAX_HIDDEN, residual_rmsnorm, residual_rmsnorm_cost, residual_rmsnorm_reference, rmsnorm, rmsnorm_cost,
@@ -22,43 +13,6 @@ from olmo2_fast.kernels.roofline import Cost
 
 EPS = 1e-6
 PUBLISHED_HIDDEN = (2048, 4096, 5120)
-
-
-@pytest.fixture(autouse=True)
-def gpu_bf16_rounding(monkeypatch):
-    """Make the interpreter round float32 -> bfloat16 to nearest even, as the GPU does.
-
-    Triton 3.6's InterpreterBuilder.cast_impl converts float32 to bfloat16 with no
-    rounding mode, i.e. it truncates; on the GPU the same `.to(tl.bfloat16)` is
-    cvt.rn. Without this, bf16 outputs carry up to 2x the GPU's rounding error and
-    the comparison against PyTorch would judge the interpreter, not the kernel.
-    """
-    if not INTERPRETED:
-        return
-    from triton.runtime import interpreter
-
-    truncating_cast = interpreter.InterpreterBuilder.cast_impl
-
-    def cast_impl(self, src, dst_type):
-        if src.dtype.scalar == tl.float32 and dst_type.scalar == tl.bfloat16:
-            rounded = torch.from_numpy(np.array(src.data, dtype=np.float32)).to(torch.bfloat16)
-            return interpreter.TensorHandle(rounded.view(torch.uint16).numpy(), dst_type.scalar)
-        return truncating_cast(self, src, dst_type)
-
-    monkeypatch.setattr(interpreter.InterpreterBuilder, "cast_impl", cast_impl)
-
-
-@pytest.fixture
-def nan_allocations(monkeypatch):
-    """Poison the outputs a launcher allocates itself: torch.empty/empty_like fill
-    floating tensors with NaN, so an element a kernel never writes fails the check."""
-    empty, empty_like = torch.empty, torch.empty_like
-
-    def poison(t):
-        return t.fill_(float("nan")) if t.dtype.is_floating_point else t
-
-    monkeypatch.setattr(torch, "empty", lambda *args, **kwargs: poison(empty(*args, **kwargs)))
-    monkeypatch.setattr(torch, "empty_like", lambda *args, **kwargs: poison(empty_like(*args, **kwargs)))
 
 
 def _inputs(n_tokens, hidden, dtype, row_stride=None):
@@ -139,17 +93,6 @@ def test_registered_ops():
     torch.testing.assert_close(torch.ops.olmo2_fast.rmsnorm(x, weight, EPS), rmsnorm_reference(x, weight, EPS))
     torch.testing.assert_close(torch.ops.olmo2_fast.residual_rmsnorm(residual, x, weight, EPS),
                                residual_rmsnorm_reference(residual, x, weight, EPS))
-
-
-def run_without_interpreter(code: str):
-    """Run `code` in a fresh process with compiled (not interpreted) Triton kernels.
-
-    FakeTensor/meta shape inference of a triton_op goes through torch's Triton
-    higher-order op, which only knows compiled JITFunctions; it needs no GPU.
-    """
-    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
-    proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=env, timeout=300)
-    assert proc.returncode == 0, proc.stderr[-3000:]
 
 
 def test_ops_on_meta_and_fake_tensors():

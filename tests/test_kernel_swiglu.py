@@ -2,11 +2,10 @@
 import pytest
 import torch
 
-from harness import ALL_DTYPES, DEVICE, assert_close_to_ref, assert_compiles_clean, kernel_spec
+from harness import ALL_DTYPES, DEVICE, assert_close_to_ref, assert_compiles_clean, kernel_spec, run_without_interpreter
 from olmo2_fast.kernels import swiglu as swiglu_module
 from olmo2_fast.kernels.roofline import Cost
 from olmo2_fast.kernels.swiglu import swiglu, swiglu_cost, swiglu_reference
-from test_kernel_rmsnorm import gpu_bf16_rounding, nan_allocations, run_without_interpreter  # noqa: F401 (fixtures)
 
 PUBLISHED_INTERMEDIATE = (8192, 11008, 13824, 27648)
 

@@ -4,7 +4,7 @@ import math
 import pytest
 import torch
 
-from checkpoints import VARIANTS, config, make_checkpoint
+from checkpoints import VARIANTS, make_checkpoint
 from olmo2_fast import OLMo2
 from olmo2_fast.cache import KVCache, StepBatch
 from olmo2_fast.reference import apply_rope, causal_attention, rms_norm, rope_cos_sin, rope_inv_freq
