@@ -7,8 +7,11 @@
 # BLOCK_K steps (BLOCK_K divides the group size 128, so a step sits in one group and needs
 # one row of scales and zeros). Each step loads a [BLOCK_K // 8, BLOCK_N] word tile with
 # 16-byte loads along N, expands it in registers to [BLOCK_K // 8, 8, BLOCK_N] codes by
-# shifting each word by 0, 4, ..., 28 bits, and dequantises to x's dtype exactly as
-# dequantize_int4 does (the same bits for bf16/fp16). Three shapes of program, one kernel:
+# shifting each word by 0, 4, ..., 28 bits (the load is 3-D, [BLOCK_K // 8, 1, BLOCK_N],
+# so the compiler keeps the 8 codes of a word in the thread that loaded it: no shuffles),
+# and dequantises to x's dtype exactly as dequantize_int4 does (the same bits for
+# bf16/fp16; q - 8 comes from a float bit trick, not an int-to-float conversion).
+# Three shapes of program, one kernel:
 #   * decode, M == 1 (BLOCK_M = 1): multiply-add on CUDA cores; the 8 codes of a word sit
 #     in one thread, so the sum over them is in-thread and the cross-thread sum over K
 #     happens once, at the end;
@@ -21,9 +24,10 @@
 # tiny kernel sums them in a fixed order. No atomics, so results are deterministic.
 #
 # Limits: x, scales and zeros share one dtype (float32/float16/bfloat16); group size 128;
-# N % 4 == 0 keeps the word loads 16 bytes wide (any N is correct). Autotune keys on
-# (bucketed M, N, K), so a new batch size never retunes; under TRITON_INTERPRET=1 each
-# path has a single config (multi-config autotune needs a GPU driver).
+# any N and M, but N % 16 == 0 (true of every OLMo 2 width) is what lets Triton prove
+# the word rows 16-byte aligned. Autotune keys on (bucketed M, N, K) (and dtypes), so a
+# new batch size never retunes; tune (run each bucket once) before CUDA-graph capture.
+# Under TRITON_INTERPRET=1 each path has a single config (autotune needs a GPU driver).
 from __future__ import annotations
 
 import os
@@ -203,13 +207,15 @@ def _int4_matmul_op(x: torch.Tensor, packed: torch.Tensor, scales: torch.Tensor,
     out = torch.empty((m, n), device=x.device, dtype=x.dtype)
     if m == 0:
         return out
+    # float32 x: exact float32 products, as torch's default matmul (no TF32); the setting
+    # does not apply to 16-bit operands.
     precision = "ieee" if x.dtype == torch.float32 else "tf32"
     args = (x, packed, scales, zeros)
     sizes = (m, n, k)
     strides = (x.stride(0), packed.stride(0), scales.stride(0), out.stride(0))
     if m > DECODE_MAX_M:
         grid = lambda meta: (triton.cdiv(m, meta["BLOCK_M"]) * triton.cdiv(n, meta["BLOCK_N"]), 1)  # noqa: E731
-        torch.library.wrap_triton(_prefill_kernel)[grid](
+        torch.library.wrap_triton(_prefill_kernel)[grid](  # no split: part_ptr is unused
             *args, out, out, *sizes, k, m_bucket(m), *strides,
             GROUP=GROUP_SIZE, SPLIT=False, DOT_PRECISION=precision)
         return out
