@@ -38,12 +38,12 @@ def _check(x, qw):
 @pytest.mark.parametrize("dtype", dot_dtypes())
 @pytest.mark.parametrize("m", M_VALUES)
 @pytest.mark.parametrize("n, k", SMALL_NK)
-def test_matches_float64(n, k, m, dtype, nan_allocations, gpu_bf16_rounding):
+def test_matches_float64(n, k, m, dtype, nan_allocations):
     _check(torch.randn(m, k, device=DEVICE).to(dtype), _weight(n, k, dtype))
 
 
 @pytest.mark.parametrize("n, k", SMALL_NK)
-def test_gemv_bfloat16(n, k, nan_allocations, gpu_bf16_rounding):
+def test_gemv_bfloat16(n, k, nan_allocations):
     """M == 1 uses no tl.dot, so bf16 runs under the interpreter too."""
     _check(torch.randn(1, k, device=DEVICE).to(torch.bfloat16), _weight(n, k, torch.bfloat16))
 
@@ -145,7 +145,7 @@ def test_cost():
 @pytest.mark.parametrize("dtype", dot_dtypes())
 @pytest.mark.parametrize("m", [1, 4, 16, 64, 300])
 @pytest.mark.parametrize("n, k", PUBLISHED_NK)
-def test_published_widths(n, k, m, dtype, nan_allocations, gpu_bf16_rounding):
+def test_published_widths(n, k, m, dtype, nan_allocations):
     _check(torch.randn(m, k, device=DEVICE).to(dtype), _weight(n, k, dtype))
 
 
