@@ -30,8 +30,8 @@
 #
 # Limits: D a power of two in 16..256; float32/float16/bfloat16 (float32 dots run in
 # IEEE precision, not TF32, to match a float32 reference). Prefill needs the caller's
-# max_q_len >= every n_b (rows past it are never written) and kv_lens[b] >= n_b >= 0;
-# decode needs kv_lens[b] >= 1. Rows of q not covered by cu_seqlens_q are left unwritten.
+# max_q_len >= every n_b (rows past it are never written) and n_b <= kv_lens[b] <= max_seq;
+# decode needs 1 <= kv_lens[b] <= max_seq. Rows of q not covered by cu_seqlens_q are left unwritten.
 # Neither is checked on the host (it would need a sync); a row with no visible key
 # yields 0, never NaN.
 import functools
@@ -52,6 +52,7 @@ MAX_SPLITS = 32
 # A split shorter than this spends more on its fixed costs (q load, partial write and
 # re-read) than it gains in parallelism.
 _MIN_SPLIT_TOKENS = 256
+# The reducer only moves [MAX_SPLITS, D] float32 partials per (sequence, head).
 REDUCE_NUM_WARPS = 4
 _LOG2E = 1.4426950408889634
 
@@ -165,7 +166,8 @@ def _prefill_kernel(
     acc = tl.zeros([BLOCK_M, HEAD_DIM], tl.float32)
 
     # Keys below every row's position: whole tiles, no mask, no bounds check (< kv_len).
-    unmasked_end = (first_pos + 1) // BLOCK_N * BLOCK_N
+    # Clamped at 0 so that a bad kv_lens[b] < n_b cannot send the loads below the row.
+    unmasked_end = tl.maximum(first_pos + 1, 0) // BLOCK_N * BLOCK_N
     for start in range(0, unmasked_end, BLOCK_N):
         k = tl.load(k_tile + start * stride_cs)
         v = tl.load(v_tile + start * stride_cs)
@@ -340,6 +342,8 @@ def _check_common(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor,
                          f"v_cache on {v_cache.device}, kv_lens on {kv_lens.device}")
     n_heads, head_dim = q.shape[1], q.shape[2]
     max_batch, n_kv_heads = k_cache.shape[0], k_cache.shape[1]
+    if k_cache.shape[2] == 0:
+        raise ValueError(f"{op}: the cache has no positions (max_seq == 0)")
     if k_cache.shape[3] != head_dim:
         raise ValueError(f"{op}: cache head_dim {k_cache.shape[3]} != q head_dim {head_dim}")
     if head_dim not in SUPPORTED_HEAD_DIMS:
