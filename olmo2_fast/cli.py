@@ -81,6 +81,13 @@ def cmd_chat(args) -> int:
         messages.append({"role": "assistant", "content": "".join(reply)})
 
 
+def _add_bench_parser(commands):
+    """`olmo2-fast bench kernels|generate`: options and commands live in the benchmark package."""
+    from .benchmarks.cli import add_bench_parser
+
+    add_bench_parser(commands)
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="olmo2-fast", description="Low-latency OLMo 2 inference")
     commands = parser.add_subparsers(dest="command", required=True)
@@ -94,6 +101,7 @@ def build_parser() -> argparse.ArgumentParser:
     _add_model_args(chat)
     _add_sampling_args(chat)
     chat.set_defaults(func=cmd_chat, max_new_tokens=256)
+    _add_bench_parser(commands)
     return parser
 
 
