@@ -27,12 +27,15 @@ class _Graph:
     def __init__(self, model, cache: KVCache, size: int, pool):
         device = cache.k.device
         rows = torch.arange(size, device=device, dtype=torch.int32)
+        # Rows no real sequence fills (warm-up, padding) write their K/V into the cache's last slot:
+        # live data never sits there when a decode step starts (a sequence at position max_seq - 1
+        # writes that slot itself before reading it), so earlier tokens are never clobbered.
         self.batch = StepBatch(
             input_ids=torch.zeros(size, dtype=torch.int64, device=device),
-            positions=torch.zeros(size, dtype=torch.int32, device=device),
+            positions=torch.full((size,), cache.max_seq - 1, dtype=torch.int32, device=device),
             seq_ids=rows,
             cu_seqlens=torch.arange(size + 1, device=device, dtype=torch.int32),
-            kv_lens=torch.ones(size, dtype=torch.int32, device=device),
+            kv_lens=torch.ones(size, dtype=torch.int32, device=device),  # padding rows attend to one key
             last_token_rows=rows.long(),
             max_q_len=1,
             host_segments=[(i, i + 1, 1) for i in range(size)],
