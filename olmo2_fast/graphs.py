@@ -4,8 +4,8 @@ At batch 1 a decode step is ~10 launches per layer; launched one by one from Pyt
 cost as much as the HBM floor of a small model. A captured graph replays all of them
 with one launch. Each bucket (1, 2, 4, 8, 16, ...) owns static input buffers (ids,
 positions, cache rows, cached lengths) that a replay fills in place; rows past the real
-batch decode a dummy token at position 0 of their own (unused) cache rows, which the
-cache has because it is allocated for the largest bucket.
+batch decode a dummy token into their own unused cache rows, which exist because the
+cache's batch is rounded up to a bucket.
 """
 from __future__ import annotations
 
