@@ -86,6 +86,14 @@ def _generator(device, seed: int) -> torch.Generator:
 # --------------------------------------------------------------------------- attention baselines
 
 
+def _repeat_kv(x: torch.Tensor, group: int) -> torch.Tensor:
+    """HF's repeat_kv: (B, Hkv, L, D) -> (B, Hkv * group, L, D), KV head h serving query heads
+    h*group .. h*group+group-1. expand + reshape, not repeat_interleave, which may read the
+    repeat count back to the host and could then not be captured in a CUDA graph."""
+    batch, n_kv_heads, length, head_dim = x.shape
+    return x[:, :, None].expand(batch, n_kv_heads, group, length, head_dim).reshape(batch, -1, length, head_dim)
+
+
 def attention_eager(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor) -> torch.Tensor:
     """HF OLMo 2's eager attention (attention_reference's math) batched over B sequences that each
     have n = T / B new tokens at the end of a full cache (kv_len = max_seq); no host loop.
@@ -96,8 +104,7 @@ def attention_eager(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tenso
     n_heads = q.shape[1]
     n_new = q.shape[0] // batch
     qb = q.view(batch, n_new, n_heads, head_dim).transpose(1, 2)                   # (B, Hq, n, D)
-    k = k_cache.repeat_interleave(n_heads // n_kv_heads, dim=1)                    # (B, Hq, L, D)
-    v = v_cache.repeat_interleave(n_heads // n_kv_heads, dim=1)
+    k, v = _repeat_kv(k_cache, n_heads // n_kv_heads), _repeat_kv(v_cache, n_heads // n_kv_heads)  # (B, Hq, L, D)
     scores = torch.matmul(qb, k.transpose(2, 3)) * head_dim ** -0.5                # (B, Hq, n, L)
     visible = torch.ones(n_new, kv_len, dtype=torch.bool, device=q.device).tril(kv_len - n_new)
     scores = scores.masked_fill(~visible, float("-inf"))

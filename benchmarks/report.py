@@ -42,7 +42,9 @@ def times(value) -> str:
 
 
 def text(value) -> str:
-    return "" if value is None else str(value)
+    """Free text, clipped for the terminal (the JSON and CSV files keep it whole)."""
+    value = "" if value is None else str(value)
+    return value if len(value) <= 100 else value[:97] + "..."
 
 
 def format_table(rows: list[dict], columns: list[Column]) -> str:
