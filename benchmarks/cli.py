@@ -34,9 +34,9 @@ def _flat(lists) -> list[int] | None:
     return None if lists is None else [v for values in lists for v in values]
 
 
-def _add_common(parser: argparse.ArgumentParser, seq_help: str):
+def _add_common(parser: argparse.ArgumentParser, batch_help: str, seq_help: str):
     parser.add_argument("--size", default="7b", choices=list(PRESETS), help="published OLMo 2 shape (default: 7b)")
-    parser.add_argument("--batch", nargs="+", type=_int_list, metavar="B", help="batch sizes, e.g. 1 4 16 or 1,4,16")
+    parser.add_argument("--batch", nargs="+", type=_int_list, metavar="B", help=batch_help)
     parser.add_argument("--seq", nargs="+", type=_int_list, metavar="S", help=seq_help)
     parser.add_argument("--dtype", choices=["bfloat16", "float16", "float32"],
                         help="activation/weight dtype (default: bfloat16 on a GPU, float32 in the CPU smoke mode)")
@@ -53,7 +53,8 @@ def add_bench_parser(commands):
     sub = bench.add_subparsers(dest="bench_command", required=True)
 
     kernels = sub.add_parser("kernels", help="each Triton kernel vs the eager PyTorch it replaces and torch.compile")
-    _add_common(kernels, "prompt lengths for the prefill cases (default 2048)")
+    _add_common(kernels, "decode batch sizes, e.g. 1 4 16 or 1,4,16 (default 1 4 16; also int4 M)",
+                "prompt lengths for the prefill cases (default 2048; also int4 M)")
     kernels.add_argument("--context", nargs="+", type=_int_list, metavar="L",
                          help="cached positions for the attention-decode cases (default 4096)")
     kernels.add_argument("--kernels", nargs="+", choices=KERNELS, metavar="NAME",
@@ -64,7 +65,8 @@ def add_bench_parser(commands):
     kernels.set_defaults(func=cmd_bench_kernels)
 
     generate = sub.add_parser("generate", help="time to first token and decode speed, ours and HF transformers")
-    _add_common(generate, "prompt lengths (default 128 2048): TTFT at batch 1 for each, decode for the first")
+    _add_common(generate, "decode batch sizes (default 1 4 16), each with the first --seq",
+                "prompt lengths (default 128 2048): TTFT at batch 1 for each")
     generate.add_argument("--model", help="checkpoint directory (default: random weights at --size, in memory)")
     generate.add_argument("--int4", action="store_true", help="also run int4 weight-only quantisation")
     generate.add_argument("--no-graphs", action="store_true", help="only run without CUDA graphs")
