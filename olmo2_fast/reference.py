@@ -70,6 +70,22 @@ def causal_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, q_positi
     return (scores.softmax(-1) @ vf).transpose(0, 1).to(q.dtype)       # (Tq, Hq, D)
 
 
+def decode_attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor, kv_lens: torch.Tensor,
+                     max_len: int) -> torch.Tensor:
+    """One query per sequence, batched: q (B, Hq, D) at position kv_lens[b] - 1 against cache rows
+    0..B-1 (B', Hkv, S, D); max_len >= every kv_len. Same math as causal_attention, without a
+    host loop over sequences. Returns (B, Hq, D) in q's dtype."""
+    batch, n_q_heads, head_dim = q.shape
+    n_kv_heads = k_cache.shape[1]
+    k = k_cache[:batch, :, :max_len].float()                                        # (B, Hkv, L, D)
+    v = v_cache[:batch, :, :max_len].float()
+    qf = q.float().view(batch, n_kv_heads, n_q_heads // n_kv_heads, head_dim)       # (B, Hkv, G, D)
+    scores = qf @ k.transpose(-1, -2) * head_dim ** -0.5                            # (B, Hkv, G, L)
+    hidden = torch.arange(max_len, device=q.device)[None, :] >= kv_lens[:, None]    # (B, L)
+    scores = scores.masked_fill(hidden[:, None, None, :], float("-inf"))
+    return (scores.softmax(-1) @ v).view(batch, n_q_heads, head_dim).to(q.dtype)
+
+
 class Olmo2Attention(nn.Module):
     def __init__(self, config: Olmo2Config):
         super().__init__()
@@ -177,14 +193,19 @@ class Olmo2Reference(nn.Module):
         cos, sin = rope_cos_sin(batch.positions, self.inv_freq)          # (T, D)
         x = self.model.embed_tokens(batch.input_ids)                     # (T, hidden)
         seq_ids, positions = batch.seq_ids.long(), batch.positions.long()
+        decode = batch.max_q_len == 1 and len(batch.host_segments) == len(batch.input_ids)
+        max_len = max(kv_len for _, _, kv_len in batch.host_segments)
         for index, layer in enumerate(self.model.layers):
             k_cache, v_cache = cache.layer(index)                        # (B, Hkv, S, D)
             q, k, v = layer.self_attn.project(x, cos, sin)               # (T, H, D)
             k_cache[seq_ids, :, positions] = k
             v_cache[seq_ids, :, positions] = v
-            attn = torch.empty_like(q)
-            for b, (start, end, kv_len) in enumerate(batch.host_segments):
-                attn[start:end] = causal_attention(q[start:end], k_cache[b, :, :kv_len], v_cache[b, :, :kv_len],
-                                                   batch.positions[start:end])
+            if decode:
+                attn = decode_attention(q, k_cache, v_cache, batch.kv_lens, max_len)
+            else:
+                attn = torch.empty_like(q)
+                for b, (start, end, kv_len) in enumerate(batch.host_segments):
+                    attn[start:end] = causal_attention(q[start:end], k_cache[b, :, :kv_len], v_cache[b, :, :kv_len],
+                                                       batch.positions[start:end])
             x = layer.finish(x, attn.flatten(-2))
         return self.logits(x[batch.last_token_rows])

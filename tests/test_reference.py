@@ -7,7 +7,7 @@ import torch
 from checkpoints import VARIANTS, make_checkpoint
 from olmo2_fast import OLMo2
 from olmo2_fast.cache import KVCache, StepBatch
-from olmo2_fast.reference import apply_rope, causal_attention, rms_norm, rope_cos_sin, rope_inv_freq
+from olmo2_fast.reference import apply_rope, causal_attention, decode_attention, rms_norm, rope_cos_sin, rope_inv_freq
 
 
 def test_rms_norm_multiplies_the_weight_in_float32_then_casts_once():
@@ -114,3 +114,13 @@ def test_cached_steps_equal_full_recomputation(tmp_path, variant):
             history[b] += chunk
             full = ref(torch.tensor([history[b]]))[0, -1]
             torch.testing.assert_close(logits[b], full, rtol=1e-5, atol=1e-5)
+
+
+def test_batched_decode_attention_equals_the_per_sequence_loop():
+    hq, hkv, d, lens = 10, 2, 8, [1, 7, 3]
+    k_cache, v_cache = torch.randn(4, hkv, 9, d), torch.randn(4, hkv, 9, d)
+    q = torch.randn(len(lens), hq, d)
+    out = decode_attention(q, k_cache, v_cache, torch.tensor(lens), max(lens))
+    for b, n in enumerate(lens):
+        expected = causal_attention(q[b:b + 1], k_cache[b, :, :n], v_cache[b, :, :n], torch.tensor([n - 1]))
+        torch.testing.assert_close(out[b:b + 1], expected)
