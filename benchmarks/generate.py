@@ -32,6 +32,7 @@ from olmo2_fast.config import Olmo2Config
 from olmo2_fast.generate import run_generation
 from olmo2_fast.graphs import bucket_for
 from olmo2_fast.progress import Progress
+from olmo2_fast.reference import Olmo2Reference
 from olmo2_fast.sampling import SamplingParams
 
 from . import hf_baseline
@@ -112,9 +113,7 @@ def build_engine(spec: EngineSpec, config: Olmo2Config, tensors, device: torch.d
     if spec.backend == "hf":
         return hf_baseline.build_hf_model(config, tensors, device)
     if spec.backend == "torch":
-        from olmo2_fast.api import _load_reference
-
-        return _load_reference(config, tensors, device)
+        return Olmo2Reference.from_tensors(config, tensors, device)
     from olmo2_fast.model import Olmo2Fast
 
     engine = Olmo2Fast.from_tensors(config, tensors, spec.quantize)

@@ -161,6 +161,12 @@ class Peaks:
         return {"peak_gbps": self.bandwidth / 1e9, "peak_tflops": self.flops / 1e12}
 
 
+def _time_copy(plan: TimingPlan, copy_bytes: int, generator: torch.Generator):
+    src = torch.randn(copy_bytes // 4, generator=generator, device=plan.device)
+    dst = torch.empty_like(src)
+    return plan.time(lambda: dst.copy_(src))
+
+
 def measure_peaks(plan: TimingPlan, dtype: torch.dtype, smoke: bool) -> Peaks:
     """The two ceilings of the roofline, measured on this device, on random data."""
     if plan.on_gpu:
@@ -168,10 +174,7 @@ def measure_peaks(plan: TimingPlan, dtype: torch.dtype, smoke: bool) -> Peaks:
     else:
         copy_bytes, n = 64 * 2**20, 512
     generator = torch.Generator(plan.device).manual_seed(0)
-    src = torch.randn(copy_bytes // 4, generator=generator, device=plan.device)
-    dst = torch.empty_like(src)
-    copy = plan.time(lambda: dst.copy_(src))
-    del src, dst
+    copy = _time_copy(plan, copy_bytes, generator)  # its buffers are freed before the matmul's
     a = torch.randn(n, n, generator=generator, device=plan.device).to(dtype)
     b = torch.randn(n, n, generator=generator, device=plan.device).to(dtype)
     matmul = plan.time(lambda: torch.matmul(a, b))

@@ -16,7 +16,7 @@ from .config import Olmo2Config
 from .errors import CheckpointError, GenerationError
 from .generate import run_generation
 from .graphs import bucket_for
-from .reference import Olmo2Reference, rope_inv_freq
+from .reference import Olmo2Reference
 from .sampling import SamplingParams
 from .tokenizer import Tokenizer
 
@@ -52,17 +52,6 @@ def resolve_device(device) -> torch.device:
     if device.type not in ("cpu", "cuda"):
         raise CheckpointError(f"unsupported device {device}: use 'cpu' or 'cuda'")
     return device
-
-
-def _load_reference(config: Olmo2Config, tensors, device) -> Olmo2Reference:
-    with torch.device("meta"):
-        engine = Olmo2Reference(config)
-    state = dict(tensors)
-    if config.tie_word_embeddings:
-        state.pop("lm_head.weight", None)
-    engine.load_state_dict(state, strict=True, assign=True)
-    engine.inv_freq = rope_inv_freq(config.head_dim, config.rope_theta, config.rope_scaling_factor).to(device)
-    return engine.eval()
 
 
 class OLMo2:
@@ -114,7 +103,7 @@ class OLMo2:
         tokenizer = Tokenizer(directory, config)
         tensors = iter_checkpoint(directory, config, dtype, device, progress)
         if backend == "torch":
-            engine = _load_reference(config, tensors, device)
+            engine = Olmo2Reference.from_tensors(config, tensors, device)
         else:
             from .model import Olmo2Fast  # imports triton: only now, after the interpreter decision
 

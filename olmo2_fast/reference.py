@@ -163,6 +163,19 @@ class Olmo2Reference(nn.Module):
         self.register_buffer("inv_freq", rope_inv_freq(config.head_dim, config.rope_theta,
                                                        config.rope_scaling_factor), persistent=False)
 
+    @classmethod
+    def from_tensors(cls, config: Olmo2Config, tensors, device) -> "Olmo2Reference":
+        """Build on the meta device and take the (HF name, tensor) pairs as they are, so memory peaks
+        at the loaded model, not twice it."""
+        with torch.device("meta"):
+            model = cls(config)
+        state = dict(tensors)
+        if config.tie_word_embeddings:
+            state.pop("lm_head.weight", None)
+        model.load_state_dict(state, strict=True, assign=True)
+        model.inv_freq = rope_inv_freq(config.head_dim, config.rope_theta, config.rope_scaling_factor).to(device)
+        return model.eval()
+
     def lm_head_weight(self) -> torch.Tensor:
         return self.model.embed_tokens.weight if self.config.tie_word_embeddings else self.lm_head.weight
 
