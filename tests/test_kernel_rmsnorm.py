@@ -72,6 +72,7 @@ def test_strided_rows_and_exact_match(dtype, nan_allocations):
 
 
 def test_reference_is_hf_olmo2_rmsnorm():
+    pytest.importorskip("transformers.models.olmo2", reason="optional parity check: transformers is not installed")
     from transformers.models.olmo2.modeling_olmo2 import Olmo2RMSNorm
 
     x, weight, residual = _inputs(4, 96, torch.bfloat16)
