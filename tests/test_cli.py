@@ -40,3 +40,15 @@ def test_chat_reads_turns_from_stdin(tmp_path, capsys, monkeypatch):
     monkeypatch.setattr(sys, "stdin", io.StringIO("Hello\n\nWhat now?\n"))
     assert main(["chat", "--model", str(path), "--max-new-tokens", "4", "--system", "Be brief"]) == 0
     assert capsys.readouterr().out.count("\n") == 2  # one reply line per user turn, the empty line skipped
+
+
+def test_generate_on_the_kernels_reports_the_cache_and_matches_the_torch_backend(tmp_path, capsys, caplog):
+    path = make_checkpoint(tmp_path, hidden_size=64, num_attention_heads=4)  # head_dim 16: a kernel size
+    args = ["generate", "--model", str(path), "The capital", "--max-new-tokens", "6"]
+    with caplog.at_level("INFO", logger="olmo2_fast"):
+        assert main(args + ["--backend", "torch"]) == 0
+    assert "allocating KV cache: batch 1 x 256 positions" in caplog.text
+    torch_out, err = capsys.readouterr()
+    assert main(args + ["--backend", "triton"]) == 0
+    triton_out, err = capsys.readouterr()
+    assert "backend triton" in err and triton_out == torch_out
