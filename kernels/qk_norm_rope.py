@@ -33,7 +33,7 @@ import torch
 import triton
 import triton.language as tl
 
-from .rmsnorm import rmsnorm_reference
+from ..reference import apply_rope, compute_dtype, rms_norm, rope_cos_sin, rope_inv_freq
 from .roofline import Cost, itemsize
 
 # Elements each thread handles per load: 8 x 2 bytes = one 16-byte vector in bf16/fp16.
@@ -244,28 +244,20 @@ def qk_norm_rope(qkv, q_norm_weight, k_norm_weight, positions, seq_ids, k_cache,
                                              float(eps), float(rope_theta), float(rope_scaling_factor))
 
 
-def _rotate_half(x: torch.Tensor) -> torch.Tensor:
-    half = x.shape[-1] // 2
-    return torch.cat((-x[..., half:], x[..., :half]), dim=-1)
-
-
 def qk_norm_rope_reference(qkv, q_norm_weight, k_norm_weight, positions, seq_ids, k_cache, v_cache, *,
                            eps: float, rope_theta: float, rope_scaling_factor: float = 1.0) -> torch.Tensor:
-    """Plain-PyTorch qk_norm_rope with HF OLMo 2 numerics (float64 in, float64 math out)."""
+    """Plain-PyTorch qk_norm_rope from the model reference's pieces (HF OLMo 2 numerics; float64 in,
+    float64 math out)."""
     n_tokens = qkv.shape[0]
     _, n_kv_heads, _, head_dim = k_cache.shape
     n_q_heads = q_norm_weight.shape[0] // head_dim
-    compute = torch.promote_types(qkv.dtype, torch.float32)
     q, k, v = qkv.split([n_q_heads * head_dim, n_kv_heads * head_dim, n_kv_heads * head_dim], dim=-1)
-    q = rmsnorm_reference(q, q_norm_weight, eps).view(n_tokens, n_q_heads, head_dim)
-    k = rmsnorm_reference(k, k_norm_weight, eps).view(n_tokens, n_kv_heads, head_dim)
-    inv_freq = 1.0 / (rope_theta ** (torch.arange(0, head_dim, 2, device=qkv.device).to(compute) / head_dim))
-    inv_freq = inv_freq / rope_scaling_factor
-    freqs = positions.to(compute)[:, None] * inv_freq  # (T, D/2)
-    emb = torch.cat((freqs, freqs), dim=-1)[:, None, :]  # (T, 1, D)
-    cos, sin = emb.cos(), emb.sin()
-    q = (q * cos + _rotate_half(q) * sin).to(qkv.dtype)
-    k = (k * cos + _rotate_half(k) * sin).to(qkv.dtype)
+    q = rms_norm(q, q_norm_weight, eps).view(n_tokens, n_q_heads, head_dim)
+    k = rms_norm(k, k_norm_weight, eps).view(n_tokens, n_kv_heads, head_dim)
+    inv_freq = rope_inv_freq(head_dim, rope_theta, rope_scaling_factor, dtype=compute_dtype(qkv.dtype))
+    cos, sin = rope_cos_sin(positions, inv_freq)                  # (T, D)
+    cos, sin = cos[:, None, :], sin[:, None, :]                   # broadcast over heads
+    q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
     seq, pos = seq_ids.long(), positions.long()
     k_cache[seq, :, pos, :] = k
     v_cache[seq, :, pos, :] = v.reshape(n_tokens, n_kv_heads, head_dim)

@@ -83,6 +83,9 @@ class OLMo2:
         """
         if backend not in BACKENDS:
             raise CheckpointError(f"unknown backend {backend!r}; choose one of {', '.join(BACKENDS)}")
+        for name, value in (("max_batch_size", max_batch_size), ("max_seq_len", max_seq_len)):
+            if value is not None and (isinstance(value, bool) or not isinstance(value, int) or value < 1):
+                raise GenerationError(f"{name} must be a positive integer, got {value!r}")
         if quantize not in (None, "int4"):
             raise CheckpointError(f"unsupported quantize={quantize!r}: choose None or 'int4'")
         device = resolve_device(device)

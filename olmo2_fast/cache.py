@@ -7,6 +7,7 @@ that group share them. Cache row b belongs to sequence b of the running batch.
 """
 from __future__ import annotations
 
+import functools
 from dataclasses import dataclass
 
 import torch
@@ -51,6 +52,14 @@ class KVCache:
         return self.k[index], self.v[index]
 
 
+@functools.lru_cache(maxsize=64)
+def _decode_rows(n: int, device: torch.device) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """(seq_ids, cu_seqlens, last_token_rows) of a decode step of n sequences: the same every step,
+    so made once (read-only) instead of allocated per token."""
+    rows = torch.arange(n, dtype=torch.int32, device=device)
+    return rows, torch.arange(n + 1, dtype=torch.int32, device=device), rows.long()
+
+
 @dataclass
 class StepBatch:
     """Tokens of B sequences packed into one step (a prefill of several prompts, or one decode step).
@@ -71,13 +80,11 @@ class StepBatch:
     def decode(cls, ids: torch.Tensor, lengths: list[int], device) -> "StepBatch":
         """One new token per sequence: ids (B,) already on the device (no host round trip),
         lengths[b] = tokens sequence b has cached before this one."""
-        n = len(lengths)
         positions = torch.tensor(lengths, dtype=torch.int32).to(device, non_blocking=True)
-        rows = torch.arange(n, dtype=torch.int32, device=device)
+        rows, cu_seqlens, last_rows = _decode_rows(len(lengths), torch.device(device))
         return cls(
-            input_ids=ids, positions=positions, seq_ids=rows,
-            cu_seqlens=torch.arange(n + 1, dtype=torch.int32, device=device), kv_lens=positions + 1,
-            last_token_rows=rows.long(), max_q_len=1,
+            input_ids=ids, positions=positions, seq_ids=rows, cu_seqlens=cu_seqlens, kv_lens=positions + 1,
+            last_token_rows=last_rows, max_q_len=1,
             host_segments=[(b, b + 1, length + 1) for b, length in enumerate(lengths)],
         )
 

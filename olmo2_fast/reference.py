@@ -23,21 +23,27 @@ from .cache import KVCache, StepBatch
 from .config import Olmo2Config
 
 
+def compute_dtype(dtype: torch.dtype) -> torch.dtype:
+    """float32 for the model's dtypes, as HF computes; float64 when a test feeds a float64 oracle."""
+    return torch.promote_types(dtype, torch.float32)
+
+
 def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
-    x32 = x.float()
-    y = x32 * torch.rsqrt(x32.pow(2).mean(-1, keepdim=True) + eps)
-    return (weight * y).to(x.dtype)
+    xf = x.to(compute_dtype(x.dtype))
+    y = xf * torch.rsqrt(xf.pow(2).mean(-1, keepdim=True) + eps)
+    return (weight.to(xf.dtype) * y).to(x.dtype)
 
 
-def rope_inv_freq(head_dim: int, theta: float, scaling_factor: float = 1.0) -> torch.Tensor:
-    """float32 [head_dim/2]; linear scaling divides the frequencies (i.e. the positions) by the factor."""
-    inv_freq = 1.0 / (theta ** (torch.arange(0, head_dim, 2, dtype=torch.float) / head_dim))
+def rope_inv_freq(head_dim: int, theta: float, scaling_factor: float = 1.0,
+                  dtype: torch.dtype = torch.float32) -> torch.Tensor:
+    """[head_dim/2] in `dtype`; linear scaling divides the frequencies (i.e. the positions) by the factor."""
+    inv_freq = 1.0 / (theta ** (torch.arange(0, head_dim, 2).to(dtype) / head_dim))
     return inv_freq / scaling_factor
 
 
 def rope_cos_sin(positions: torch.Tensor, inv_freq: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    """float32 cos, sin of shape positions.shape + [head_dim]."""
-    freqs = positions[..., None].float() * inv_freq.to(positions.device)
+    """cos, sin of shape positions.shape + [head_dim], in inv_freq's dtype (float32 for the model)."""
+    freqs = positions[..., None].to(inv_freq.dtype) * inv_freq.to(positions.device)
     emb = torch.cat((freqs, freqs), dim=-1)
     return emb.cos(), emb.sin()
 
@@ -56,7 +62,9 @@ def causal_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, q_positi
     """q (Tq, Hq, D); k, v (Hkv, Tk, D) for key positions 0..Tk-1; q_positions (Tq,).
 
     Query i sees keys j <= q_positions[i]. GQA: query head h reads KV head h // group.
-    Scores and softmax in float32; returns (Tq, Hq, D) in q's dtype.
+    Scores and softmax in float32 (as HF's default SDPA path computes them); returns (Tq, Hq, D)
+    in q's dtype. kernels.attention.attention_reference instead rounds scores to the dtype, as
+    HF's eager path does: it is the same-dtype baseline that bounds the kernels' error.
     """
     n_q_heads, n_kv_heads, head_dim = q.shape[1], k.shape[0], q.shape[2]
     group = n_q_heads // n_kv_heads

@@ -91,8 +91,12 @@ def test_repetition_penalty_changes_greedy_output(model):
 
 def test_generation_stops_at_the_end_of_the_context(model):
     n = model.config.max_position_embeddings
-    ids = model.generate([5] * (n - 3), max_new_tokens=50)
-    assert len(ids) <= 4
+    eos = model.tokenizer.eos_ids
+    model.tokenizer.eos_ids = ()  # only the context can end this generation
+    try:
+        assert len(model.generate([5] * (n - 3), max_new_tokens=50)) == 4  # 3 free positions + 1 token never cached
+    finally:
+        model.tokenizer.eos_ids = eos
 
 
 @pytest.mark.parametrize("call, message", [
@@ -113,6 +117,11 @@ def test_generation_stops_at_the_end_of_the_context(model):
 def test_bad_requests_get_clear_errors(model, call, message):
     with pytest.raises(GenerationError, match=message):
         call(model)
+
+
+def test_cache_sizes_must_be_positive(tmp_path):
+    with pytest.raises(GenerationError, match="max_seq_len must be a positive integer"):
+        OLMo2.from_pretrained(make_checkpoint(tmp_path), device="cpu", max_seq_len=-4)
 
 
 def test_a_preallocated_cache_refuses_requests_that_do_not_fit(tmp_path):
