@@ -25,6 +25,12 @@ setup(
         "tokenizers>=0.19",
         "jinja2>=3",  # chat templates
     ],
-    extras_require={"test": ["pytest>=7", "pytest-benchmark>=4"], "hub": ["huggingface_hub"]},
+    extras_require={
+        "test": ["pytest>=7", "pytest-benchmark>=4"],
+        "hub": ["huggingface_hub"],
+        "parity": ["transformers==5.24.0"],  # tests/test_hf_parity.py and the bench's HF baseline
+        "eval": ["lm-eval==0.4.13"],  # the lm-evaluation-harness adapter
+        "serve": ["fastapi>=0.110", "uvicorn>=0.30", "openai>=1.40", "httpx>=0.27"],  # server + its client in tests
+    },
     entry_points={"console_scripts": ["olmo2-fast=olmo2_fast.cli:main"]},
 )
