@@ -15,6 +15,8 @@ Parameter names equal the Hugging Face checkpoint keys, so a checkpoint loads wi
 """
 from __future__ import annotations
 
+import math
+
 import torch
 import torch.nn.functional as F
 from torch import nn
@@ -36,8 +38,9 @@ def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
 
 def rope_inv_freq(head_dim: int, theta: float, scaling_factor: float = 1.0,
                   dtype: torch.dtype = torch.float32) -> torch.Tensor:
-    """[head_dim/2] in `dtype`; linear scaling divides the frequencies (i.e. the positions) by the factor."""
-    inv_freq = 1.0 / (theta ** (torch.arange(0, head_dim, 2).to(dtype) / head_dim))
+    """[head_dim/2] in `dtype`, on the CPU (also while a model is built on the meta device); linear
+    scaling divides the frequencies (i.e. the positions) by the factor."""
+    inv_freq = 1.0 / (theta ** (torch.arange(0, head_dim, 2, device="cpu").to(dtype) / head_dim))
     return inv_freq / scaling_factor
 
 
@@ -94,14 +97,48 @@ def decode_attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tens
     return (scores.softmax(-1) @ v).view(batch, n_q_heads, head_dim).to(q.dtype)
 
 
+def _weight(*shape: int) -> nn.Parameter:
+    """An uninitialised parameter on the current device; on a real device initialised as nn.Linear's.
+
+    The model is built on the meta device and then takes the checkpoint's tensors, so nothing is
+    initialised there: torch's meta implementation of the random initialisers imports
+    torch._dynamo, which imports triton, and a later backend="triton" on a CPU then finds triton
+    already imported without its interpreter.
+    """
+    weight = nn.Parameter(torch.empty(*shape))
+    if not weight.is_meta:
+        nn.init.kaiming_uniform_(weight, a=math.sqrt(5))
+    return weight
+
+
+class Linear(nn.Module):
+    """A bias-free nn.Linear (OLMo 2 has no biases) that builds on the meta device without initialising."""
+
+    def __init__(self, in_features: int, out_features: int):
+        super().__init__()
+        self.weight = _weight(out_features, in_features)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return F.linear(x, self.weight)
+
+
+class Embedding(nn.Module):
+    def __init__(self, num_embeddings: int, dim: int):
+        super().__init__()
+        self.weight = _weight(num_embeddings, dim)
+
+    def forward(self, ids: torch.Tensor) -> torch.Tensor:
+        return F.embedding(ids, self.weight)
+
+
 class Olmo2Attention(nn.Module):
     def __init__(self, config: Olmo2Config):
         super().__init__()
         h, d = config.hidden_size, config.head_dim
-        self.q_proj = nn.Linear(h, config.q_width, bias=False)
-        self.k_proj = nn.Linear(h, config.kv_width, bias=False)
-        self.v_proj = nn.Linear(h, config.kv_width, bias=False)
-        self.o_proj = nn.Linear(config.q_width, h, bias=False)
+        self.q_proj = Linear(h, config.q_width)
+        self.k_proj = Linear(h, config.kv_width)
+        self.v_proj = Linear(h, config.kv_width)
+        self.o_proj = Linear(config.q_width, h)
         self.q_norm = RMSNorm(config.q_width, config.rms_norm_eps)
         self.k_norm = RMSNorm(config.kv_width, config.rms_norm_eps)
         self.head_dim = d
@@ -129,9 +166,9 @@ class RMSNorm(nn.Module):
 class Olmo2MLP(nn.Module):
     def __init__(self, config: Olmo2Config):
         super().__init__()
-        self.gate_proj = nn.Linear(config.hidden_size, config.intermediate_size, bias=False)
-        self.up_proj = nn.Linear(config.hidden_size, config.intermediate_size, bias=False)
-        self.down_proj = nn.Linear(config.intermediate_size, config.hidden_size, bias=False)
+        self.gate_proj = Linear(config.hidden_size, config.intermediate_size)
+        self.up_proj = Linear(config.hidden_size, config.intermediate_size)
+        self.down_proj = Linear(config.intermediate_size, config.hidden_size)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return self.down_proj(F.silu(self.gate_proj(x)) * self.up_proj(x))
@@ -163,11 +200,11 @@ class Olmo2Reference(nn.Module):
         super().__init__()
         self.config = config
         self.model = nn.Module()
-        self.model.embed_tokens = nn.Embedding(config.vocab_size, config.hidden_size)
+        self.model.embed_tokens = Embedding(config.vocab_size, config.hidden_size)
         self.model.layers = nn.ModuleList(Olmo2Layer(config) for _ in range(config.num_hidden_layers))
         self.model.norm = RMSNorm(config.hidden_size, config.rms_norm_eps)
         if not config.tie_word_embeddings:
-            self.lm_head = nn.Linear(config.hidden_size, config.vocab_size, bias=False)
+            self.lm_head = Linear(config.hidden_size, config.vocab_size)
         self.register_buffer("inv_freq", rope_inv_freq(config.head_dim, config.rope_theta,
                                                        config.rope_scaling_factor), persistent=False)
 

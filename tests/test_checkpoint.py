@@ -1,5 +1,7 @@
 """Loading real Hugging Face layouts, and every loader error a user can hit."""
 import json
+import os
+import subprocess
 import sys
 
 import pytest
@@ -137,3 +139,19 @@ def test_hub_ids_offline_say_so(monkeypatch):
     monkeypatch.setattr(hub, "snapshot_download", offline)
     with pytest.raises(CheckpointError, match="could not fetch 'allenai/OLMo-2-0425-1B' .*revision stage1-step1000"):
         resolve_checkpoint("allenai/OLMo-2-0425-1B", revision="stage1-step1000")
+
+
+def test_a_torch_backend_model_leaves_triton_unimported(ckpt):
+    # Triton's interpreter must be switched on before triton is first imported: if loading or
+    # running a torch-backend model imported it, a later backend="triton" on a CPU would fail.
+    code = f"""
+import sys
+from olmo2_fast import OLMo2
+model = OLMo2.from_pretrained({str(ckpt)!r}, device="cpu")
+model.generate("hi", max_new_tokens=2)
+model.generate(["hi", "a longer prompt"], max_new_tokens=2, temperature=0.8, top_p=0.9, seed=1, repetition_penalty=1.1)
+assert "triton" not in sys.modules, "triton was imported"
+"""
+    proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=300,
+                          env={k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"})
+    assert proc.returncode == 0, proc.stderr[-2000:]
