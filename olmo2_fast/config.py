@@ -46,6 +46,9 @@ class Olmo2Config:
             value = getattr(self, name)
             if not isinstance(value, int) or isinstance(value, bool) or value <= 0:
                 raise ConfigError(f"{name} must be a positive integer, got {value!r}")
+        if self.head_dim_override is not None and (isinstance(self.head_dim_override, bool) or not isinstance(
+                self.head_dim_override, int) or self.head_dim_override <= 0):
+            raise ConfigError(f"head_dim must be a positive integer, got {self.head_dim_override!r}")
         if self.head_dim_override is None and self.hidden_size % self.num_attention_heads:
             raise ConfigError(f"num_attention_heads ({self.num_attention_heads}) does not divide "
                               f"hidden_size ({self.hidden_size})")
@@ -109,8 +112,12 @@ class Olmo2Config:
         theta, factor = _rope(raw, source)
         quantization = _quantization(raw.get("quantization_config"), source)
         heads = required("num_attention_heads")
-        eos = raw.get("eos_token_id")
-        eos_ids = tuple(eos) if isinstance(eos, list) else (() if eos is None else (eos,))
+        tied = raw.get("tie_word_embeddings", False)
+        if not isinstance(tied, bool):
+            raise ConfigError(f"{source}: tie_word_embeddings must be true or false, got {tied!r}")
+        dtype = raw.get("dtype") or raw.get("torch_dtype")
+        if dtype is not None and not isinstance(dtype, str):
+            raise ConfigError(f"{source}: torch_dtype must be a string such as 'bfloat16', got {dtype!r}")
         return cls(
             hidden_size=required("hidden_size"),
             intermediate_size=required("intermediate_size"),
@@ -119,15 +126,15 @@ class Olmo2Config:
             num_key_value_heads=raw.get("num_key_value_heads") or heads,
             vocab_size=required("vocab_size"),
             max_position_embeddings=required("max_position_embeddings"),
-            rms_norm_eps=float(required("rms_norm_eps")),
+            rms_norm_eps=json_number(required("rms_norm_eps"), "rms_norm_eps", source),
             rope_theta=theta,
             rope_scaling_factor=factor,
             head_dim_override=raw.get("head_dim"),
-            tie_word_embeddings=bool(raw.get("tie_word_embeddings", False)),
-            torch_dtype=raw.get("dtype") or raw.get("torch_dtype"),
-            bos_token_id=raw.get("bos_token_id"),
-            eos_token_id=eos_ids,
-            pad_token_id=raw.get("pad_token_id"),
+            tie_word_embeddings=tied,
+            torch_dtype=dtype,
+            bos_token_id=optional_token_id(raw.get("bos_token_id"), "bos_token_id", source),
+            eos_token_id=token_ids(raw.get("eos_token_id"), "eos_token_id", source),
+            pad_token_id=optional_token_id(raw.get("pad_token_id"), "pad_token_id", source),
             quantization=quantization,
         )
 
@@ -184,6 +191,28 @@ class Olmo2Config:
         return asdict(self)
 
 
+def json_number(value, name: str, source: str) -> float:
+    """A JSON number (not a string, not a boolean) as a float, or a ConfigError naming the field."""
+    if isinstance(value, bool) or not isinstance(value, (int, float)):
+        raise ConfigError(f"{source}: {name} must be a number, got {value!r} ({type(value).__name__})")
+    return float(value)
+
+
+def optional_token_id(value, name: str, source: str) -> int | None:
+    """A token id field: a non-negative integer or null."""
+    if value is None:
+        return None
+    if isinstance(value, bool) or not isinstance(value, int) or value < 0:
+        raise ConfigError(f"{source}: {name} must be a non-negative integer or null, got {value!r}")
+    return value
+
+
+def token_ids(value, name: str, source: str) -> tuple[int, ...]:
+    """eos_token_id and the like: an integer, a list of integers, or null."""
+    values = value if isinstance(value, list) else [] if value is None else [value]
+    return tuple(optional_token_id(v, f"{name} entry" if isinstance(value, list) else name, source) for v in values)
+
+
 def _quantization(spec, source: str) -> str | None:
     if spec is None:
         return None
@@ -207,8 +236,9 @@ def _rope(raw: dict, source: str) -> tuple[float, float]:
         theta = raw.get("rope_theta")
     if theta is None:
         raise ConfigError(f"{source}: missing rope_theta (top level or in rope_parameters)")
+    theta = json_number(theta, "rope_theta", source)
     if scaling is None:
-        return float(theta), 1.0
+        return theta, 1.0
     if not isinstance(scaling, dict):
         raise ConfigError(f"{source}: rope_scaling must be an object or null, got {scaling!r}")
     rope_type = scaling.get("rope_type", scaling.get("type", "default"))
@@ -216,10 +246,10 @@ def _rope(raw: dict, source: str) -> tuple[float, float]:
         raise ConfigError(f"{source}: rope scaling type {rope_type!r} is not supported "
                           f"(supported: {', '.join(ROPE_TYPES)})")
     if rope_type == "default":
-        return float(theta), 1.0
+        return theta, 1.0
     if "factor" not in scaling:
         raise ConfigError(f"{source}: linear rope scaling needs a 'factor'")
-    return float(theta), float(scaling["factor"])
+    return theta, json_number(scaling["factor"], "rope scaling factor", source)
 
 
 def _preset(hidden, intermediate, layers, heads, kv_heads) -> Olmo2Config:

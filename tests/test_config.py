@@ -54,6 +54,18 @@ def test_derived_fields_and_missing_kv_heads(tmp_path):
     (dict(rms_norm_eps=0), "rms_norm_eps must be positive"),
     (dict(hidden_size="48"), "hidden_size must be a positive integer"),
     (dict(attention_bias=True), "attention_bias"),
+    (dict(rms_norm_eps="1e-6"), r"rms_norm_eps must be a number, got '1e-6' \(str\)"),
+    (dict(rope_theta="500000"), "rope_theta must be a number"),
+    (dict(rope_theta=True), "rope_theta must be a number"),
+    (dict(rope_scaling={"rope_type": "linear", "factor": "2"}), "rope scaling factor must be a number"),
+    (dict(eos_token_id="0"), "eos_token_id must be a non-negative integer or null, got '0'"),
+    (dict(eos_token_id=[0, "1"]), "eos_token_id entry must be a non-negative integer"),
+    (dict(eos_token_id=1.5), "eos_token_id must be a non-negative integer"),
+    (dict(bos_token_id=-1), "bos_token_id must be a non-negative integer"),
+    (dict(pad_token_id=[1]), "pad_token_id must be a non-negative integer"),
+    (dict(tie_word_embeddings="false"), "tie_word_embeddings must be true or false"),
+    (dict(torch_dtype=16), "torch_dtype must be a string"),
+    (dict(head_dim="16"), "head_dim must be a positive integer"),
 ])
 def test_invalid_configs_are_named(tmp_path, changes, message):
     with pytest.raises(ConfigError, match=message):
@@ -93,3 +105,9 @@ def test_quantization_configs_other_than_ours_are_refused(tmp_path):
     ours = hf4_dict(quantization_config={"quant_method": "olmo2_fast_int4", "bits": 4, "group_size": 128})
     cfg = Olmo2Config.from_json_file(write(tmp_path, ours))
     assert cfg.quantization == "olmo2_fast_int4" and cfg.to_hf_dict()["quantization_config"]["group_size"] == 128
+
+
+def test_token_id_fields_accept_ints_lists_and_null(tmp_path):
+    cfg = Olmo2Config.from_json_file(write(tmp_path, hf4_dict(eos_token_id=[0, 5], bos_token_id=None, pad_token_id=1)))
+    assert (cfg.eos_token_id, cfg.bos_token_id, cfg.pad_token_id) == ((0, 5), None, 1)
+    assert Olmo2Config.from_dict(hf4_dict(eos_token_id=None)).eos_token_id == ()
