@@ -200,17 +200,20 @@ def json_number(value, name: str, source: str) -> float:
 
 def optional_token_id(value, name: str, source: str) -> int | None:
     """A token id field: a non-negative integer or null."""
-    if value is None:
-        return None
-    if isinstance(value, bool) or not isinstance(value, int) or value < 0:
+    if value is not None and (isinstance(value, bool) or not isinstance(value, int) or value < 0):
         raise ConfigError(f"{source}: {name} must be a non-negative integer or null, got {value!r}")
     return value
 
 
 def token_ids(value, name: str, source: str) -> tuple[int, ...]:
     """eos_token_id and the like: an integer, a list of integers, or null."""
-    values = value if isinstance(value, list) else [] if value is None else [value]
-    return tuple(optional_token_id(v, f"{name} entry" if isinstance(value, list) else name, source) for v in values)
+    if not isinstance(value, list):
+        value = optional_token_id(value, name, source)
+        return () if value is None else (value,)
+    bad = [v for v in value if isinstance(v, bool) or not isinstance(v, int) or v < 0]
+    if bad:
+        raise ConfigError(f"{source}: {name} entry must be a non-negative integer, got {bad[0]!r} in {value!r}")
+    return tuple(value)
 
 
 def _quantization(spec, source: str) -> str | None:

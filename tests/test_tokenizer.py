@@ -104,3 +104,45 @@ def test_chat_template_matches_transformers(tokenizer, tmp_path):
                 {"role": "user", "content": "More"}]
     assert Tokenizer(path, config()).apply_chat_template(messages) == hf.apply_chat_template(
         messages, tokenize=False, add_generation_prompt=True)
+
+
+def test_named_chat_templates_and_the_jinja_file(tmp_path):
+    from olmo2_fast.demo import CHAT_TEMPLATE
+    path = make_checkpoint(tmp_path / "a")
+    tok_config = json.loads((path / "tokenizer_config.json").read_text())
+    tok_config["chat_template"] = [{"name": "default", "template": CHAT_TEMPLATE},
+                                   {"name": "tool_use", "template": "TOOLS {{ messages[0]['content'] }}"}]
+    (path / "tokenizer_config.json").write_text(json.dumps(tok_config))
+    tok = Tokenizer(path, config())
+    messages = [{"role": "user", "content": "Hi"}]
+    assert tok.apply_chat_template(messages) == "<|endoftext|><|user|>\nHi\n<|assistant|>\n"
+    assert tok.apply_chat_template(messages, template="tool_use") == "TOOLS Hi"
+    with pytest.raises(TokenizerError, match="no chat template named 'rag'; this checkpoint has 'default', 'tool_use'"):
+        tok.apply_chat_template(messages, template="rag")
+    tok_config["chat_template"] = {"default": CHAT_TEMPLATE}
+    (path / "tokenizer_config.json").write_text(json.dumps(tok_config))
+    with pytest.raises(TokenizerError, match="chat_template must be a string or a list"):
+        Tokenizer(path, config())
+    del tok_config["chat_template"]
+    (path / "tokenizer_config.json").write_text(json.dumps(tok_config))
+    (path / "chat_template.jinja").write_text("JINJA {{ messages[0]['content'] }}")
+    assert Tokenizer(path, config()).apply_chat_template(messages) == "JINJA Hi"
+
+
+def test_text_that_is_not_unicode_is_refused_with_its_position(tokenizer):
+    from olmo2_fast.errors import GenerationError
+    with pytest.raises(GenerationError, match=r"'\\udcff' at character 3 is a lone surrogate"):
+        tokenizer.encode("abc\udcffdef")
+
+
+@pytest.mark.parametrize("field, value, message", [
+    ("eos_token_id", "0", "eos_token_id must be a non-negative integer or null, got '0'"),
+    ("eos_token_id", [0, None], "eos_token_id entry must be a non-negative integer"),
+    ("pad_token_id", 1.0, "pad_token_id must be a non-negative integer"),
+])
+def test_generation_config_ids_of_the_wrong_type_are_named(tmp_path, field, value, message):
+    from olmo2_fast.errors import ConfigError
+    path = make_checkpoint(tmp_path)
+    (path / "generation_config.json").write_text(json.dumps({field: value}))
+    with pytest.raises(ConfigError, match=f"generation_config.json: {message}"):
+        Tokenizer(path, config())
