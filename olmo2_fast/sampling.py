@@ -7,11 +7,19 @@ torch.Generator, so each request's seed reproduces its tokens whatever it is bat
 """
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
 
 import torch
 
 from .errors import GenerationError
+
+
+MAX_SEED = 2**63 - 1
+
+
+def _number(value) -> bool:
+    return isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value)
 
 
 @dataclass(frozen=True)
@@ -21,18 +29,33 @@ class SamplingParams:
     top_p: float | None = None        # keep the smallest set whose probability reaches p
     min_p: float | None = None        # drop tokens below min_p x the top probability
     repetition_penalty: float = 1.0   # > 1 discourages tokens already in the prompt or output (CTRL / HF rule)
+    seed: int | None = None           # prompt i of a batch samples with seed + i; None: a fresh random seed
 
     def __post_init__(self):
-        if not (isinstance(self.temperature, (int, float)) and self.temperature >= 0):
-            raise GenerationError(f"temperature must be >= 0, got {self.temperature!r}")
-        if self.top_k is not None and (not isinstance(self.top_k, int) or self.top_k < 1):
-            raise GenerationError(f"top_k must be a positive integer, got {self.top_k!r}")
-        if self.top_p is not None and not 0 < self.top_p <= 1:
-            raise GenerationError(f"top_p must be in (0, 1], got {self.top_p!r}")
-        if self.min_p is not None and not 0 <= self.min_p <= 1:
-            raise GenerationError(f"min_p must be in [0, 1], got {self.min_p!r}")
-        if not self.repetition_penalty > 0:
-            raise GenerationError(f"repetition_penalty must be > 0, got {self.repetition_penalty!r}")
+        def refuse(name: str, rule: str):
+            value = getattr(self, name)
+            raise GenerationError(f"{name} must be {rule}, got {value!r} ({type(value).__name__})")
+
+        if not (_number(self.temperature) and self.temperature >= 0):
+            refuse("temperature", "a finite number >= 0 (0 = greedy)")
+        if self.top_k is not None and (isinstance(self.top_k, bool) or not isinstance(self.top_k, int)
+                                       or self.top_k < 1):
+            refuse("top_k", "a positive integer or None")
+        if self.top_p is not None and not (_number(self.top_p) and 0 < self.top_p <= 1):
+            refuse("top_p", "a number in (0, 1] or None")
+        if self.min_p is not None and not (_number(self.min_p) and 0 <= self.min_p <= 1):
+            refuse("min_p", "a number in [0, 1] or None")
+        if not (_number(self.repetition_penalty) and self.repetition_penalty > 0):
+            refuse("repetition_penalty", "a finite number > 0 (1 = off)")
+        if self.seed is not None and (isinstance(self.seed, bool) or not isinstance(self.seed, int)
+                                      or not 0 <= self.seed <= MAX_SEED):
+            refuse("seed", "an integer in [0, 2**63) or None")
+
+    def seeds(self, batch: int) -> list[int | None]:
+        """Per-prompt seeds of a batch: seed + i, so a batch reproduces the single-prompt runs."""
+        if self.seed is not None and self.seed + batch - 1 > MAX_SEED:
+            raise GenerationError(f"seed {self.seed} + batch index {batch - 1} exceeds 2**63 - 1")
+        return [None if self.seed is None else self.seed + i for i in range(batch)]
 
     @property
     def greedy(self) -> bool:

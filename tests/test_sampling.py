@@ -35,8 +35,34 @@ def test_repetition_penalty_follows_the_hf_rule():
     torch.testing.assert_close(apply_repetition_penalty(logits, seen, 2.0), torch.tensor([[1.0, -4.0, 1.0]]))
 
 
-@pytest.mark.parametrize("kwargs", [dict(temperature=-1), dict(top_k=0), dict(top_p=0.0), dict(top_p=1.5),
-                                    dict(min_p=2.0), dict(repetition_penalty=0.0)])
-def test_invalid_parameters(kwargs):
-    with pytest.raises(GenerationError):
+@pytest.mark.parametrize("kwargs, message", [
+    (dict(temperature=-1), r"temperature must be a finite number >= 0 \(0 = greedy\), got -1 \(int\)"),
+    (dict(temperature="0.5"), r"temperature must be a finite number >= 0 \(0 = greedy\), got '0.5' \(str\)"),
+    (dict(temperature=float("inf")), "temperature must be a finite number"),
+    (dict(temperature=float("nan")), "temperature must be a finite number"),
+    (dict(top_k=0), "top_k must be a positive integer"),
+    (dict(top_k=True), r"top_k must be a positive integer or None, got True \(bool\)"),
+    (dict(top_k=2.0), "top_k must be a positive integer"),
+    (dict(top_p=0.0), r"top_p must be a number in \(0, 1\]"),
+    (dict(top_p=1.5), r"top_p must be a number in \(0, 1\]"),
+    (dict(top_p="0.9"), r"top_p must be a number in \(0, 1\]"),
+    (dict(min_p=2.0), r"min_p must be a number in \[0, 1\]"),
+    (dict(min_p=float("nan")), r"min_p must be a number in \[0, 1\]"),
+    (dict(repetition_penalty=0.0), "repetition_penalty must be a finite number > 0"),
+    (dict(repetition_penalty=float("inf")), "repetition_penalty must be a finite number > 0"),
+    (dict(seed="7"), r"seed must be an integer in \[0, 2\*\*63\) or None, got '7' \(str\)"),
+    (dict(seed=1.5), "seed must be an integer"),
+    (dict(seed=True), "seed must be an integer"),
+    (dict(seed=-1), "seed must be an integer"),
+    (dict(seed=2**64), "seed must be an integer"),
+])
+def test_invalid_parameters_are_named(kwargs, message):
+    with pytest.raises(GenerationError, match=message):
         SamplingParams(**kwargs)
+
+
+def test_per_prompt_seeds():
+    assert SamplingParams(seed=5).seeds(3) == [5, 6, 7]
+    assert SamplingParams().seeds(2) == [None, None]
+    with pytest.raises(GenerationError, match="exceeds 2\\*\\*63 - 1"):
+        SamplingParams(seed=2**63 - 2).seeds(3)
