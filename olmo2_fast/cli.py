@@ -103,6 +103,9 @@ def build_parser() -> argparse.ArgumentParser:
     _add_sampling_args(chat)
     chat.set_defaults(func=cmd_chat, max_new_tokens=256)
     _add_bench_parser(commands)
+    from .eval_cli import add_eval_parser  # `eval perplexity | compare`; imports no torch at load
+
+    add_eval_parser(commands)
     return parser
 
 
