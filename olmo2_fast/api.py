@@ -3,7 +3,6 @@ from __future__ import annotations
 
 import logging
 import os
-import shutil
 import sys
 from pathlib import Path
 from typing import Iterator, Sequence
@@ -23,8 +22,9 @@ from .tokenizer import Tokenizer
 logger = logging.getLogger("olmo2_fast")
 
 BACKENDS = ("auto", "torch", "triton")
-SEQ_ROUNDING = 256
-TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "generation_config.json", "special_tokens_map.json")  # the cache grows in steps of this many positions
+SEQ_ROUNDING = 256  # the cache grows in steps of this many positions
+TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "generation_config.json", "special_tokens_map.json",
+                   "chat_template.jinja")  # copied beside the weights by save_pretrained
 
 
 def enable_triton_interpreter():
@@ -126,11 +126,8 @@ class OLMo2:
         else:
             config, tensors = self.engine.checkpoint_tensors()
         config = config.with_(torch_dtype=str(self.dtype).removeprefix("torch."))
-        path = save_checkpoint(path, config, tensors, num_shards=num_shards)
-        for name in TOKENIZER_FILES:
-            if (self.source_dir / name).is_file():
-                shutil.copyfile(self.source_dir / name, path / name)
-        return path
+        extra = {name: self.source_dir / name for name in TOKENIZER_FILES if (self.source_dir / name).is_file()}
+        return save_checkpoint(path, config, tensors, num_shards=num_shards, extra_files=extra)
 
     # ------------------------------------------------------------------ logits
 

@@ -8,6 +8,8 @@ checkpoint loads into bf16 without ever holding a float32 copy of the model.
 from __future__ import annotations
 
 import json
+import shutil
+import tempfile
 from pathlib import Path
 from typing import Iterator
 
@@ -163,7 +165,9 @@ def iter_checkpoint(directory: Path, config: Olmo2Config, dtype: torch.dtype, de
                         raise CheckpointError(f"tensor {name} in {path.name} has dtype {tensor.dtype}; supported: "
                                               "float32, bfloat16, float16")
                     else:
-                        yield name, tensor.to(device=device, dtype=dtype)
+                        converted = tensor.to(device=device, dtype=dtype)
+                        _check_finite(name, path, tensor, converted)
+                        yield name, converted
                     bar.advance()
     except SafetensorError as e:
         raise CheckpointError(f"could not read {path}: {e}") from None
@@ -171,22 +175,84 @@ def iter_checkpoint(directory: Path, config: Olmo2Config, dtype: torch.dtype, de
         bar.close()
 
 
+def _check_finite(name: str, path: Path, stored: torch.Tensor, converted: torch.Tensor):
+    """Refuse a weight holding inf or NaN, which would make every generation silently empty or garbage.
+
+    Checked on the converted tensor (one device reduction per tensor, at load only), so values that
+    overflow the target dtype (float32 weights loaded as float16) are caught too."""
+    if bool(torch.isfinite(converted).all()):
+        return
+    bad = int((~torch.isfinite(converted)).sum())
+    if bool(torch.isfinite(stored).all()):
+        raise CheckpointError(f"tensor {name} in {path.name} overflows {converted.dtype} ({bad} values become inf): "
+                              "load it in bfloat16 or float32")
+    raise CheckpointError(f"tensor {name} in {path.name} holds {bad} non-finite values (inf or NaN): the checkpoint "
+                          "is damaged")
+
+
 def _names(names: list[str], limit: int = 6) -> str:
     shown = ", ".join(names[:limit])
     return shown + (f", ... ({len(names) - limit} more)" if len(names) > limit else "")
 
 
+def _is_checkpoint_file(name: str) -> bool:
+    """Files a save writes or replaces; anything else already in a target directory is kept."""
+    return (name in (CONFIG_FILE, "generation_config.json", "special_tokens_map.json", "chat_template.jinja")
+            or name.startswith("tokenizer") or name.endswith((".safetensors", ".safetensors.index.json")))
+
+
 def save_checkpoint(directory: str | Path, config: Olmo2Config, tensors: dict[str, torch.Tensor],
-                    num_shards: int = 1) -> Path:
-    """Write config.json and the tensors in the Hugging Face layout (one file, or shards plus an index)."""
-    directory = Path(directory)
-    directory.mkdir(parents=True, exist_ok=True)
+                    num_shards: int = 1, extra_files: dict[str, Path] | None = None) -> Path:
+    """Write config.json, the tensors in the Hugging Face layout (one file, or shards plus an index) and
+    `extra_files` (name -> source file, e.g. the tokenizer files) as the checkpoint `directory`.
+
+    Everything is written into a temporary directory beside the target first. A new target is that
+    directory, renamed; into an existing one each file is renamed over its old version and the
+    checkpoint files of an earlier save that this one does not write (stale shards, an old index)
+    are removed. So a failed save (full disk, bad tensor) leaves an existing checkpoint untouched,
+    no stale weights remain, other files in the directory (a README) are kept, and saving over the
+    checkpoint a model was loaded from is safe (its memory-mapped files keep their old contents).
+    """
+    if isinstance(num_shards, bool) or not isinstance(num_shards, int) or num_shards < 1:
+        raise CheckpointError(f"num_shards must be an integer >= 1, got {num_shards!r}")
+    if num_shards > len(tensors):
+        raise CheckpointError(f"num_shards={num_shards} is more than the {len(tensors)} tensors to save")
+    directory = Path(directory).expanduser().absolute()
+    if directory.exists() and not directory.is_dir():
+        raise CheckpointError(f"cannot save a checkpoint to {directory}: it is a file")
+    try:
+        directory.parent.mkdir(parents=True, exist_ok=True)
+        staging = Path(tempfile.mkdtemp(dir=directory.parent, prefix=f".{directory.name}.saving-"))
+    except OSError as e:
+        raise CheckpointError(f"cannot save a checkpoint to {directory}: {e.strerror or e}") from None
+    try:
+        _write_checkpoint(staging, config, tensors, num_shards)
+        for name, source in (extra_files or {}).items():
+            shutil.copyfile(source, staging / name)
+        if not directory.exists():
+            staging.rename(directory)
+            return directory
+        written = {f.name for f in staging.iterdir()}
+        stale = [f for f in directory.iterdir() if f.is_file() and _is_checkpoint_file(f.name) and f.name not in written]
+        for name in sorted(written, key=lambda n: n == CONFIG_FILE):  # config.json last
+            (staging / name).replace(directory / name)
+        for f in stale:
+            f.unlink()
+    except OSError as e:
+        raise CheckpointError(f"could not save the checkpoint to {directory}: {e.strerror or e}; "
+                              "an existing checkpoint there is unchanged") from None
+    finally:
+        shutil.rmtree(staging, ignore_errors=True)
+    return directory
+
+
+def _write_checkpoint(directory: Path, config: Olmo2Config, tensors: dict[str, torch.Tensor], num_shards: int):
     (directory / CONFIG_FILE).write_text(json.dumps(config.to_hf_dict(), indent=2) + "\n")
     tensors = {name: t.detach().contiguous().cpu() for name, t in tensors.items()}
     metadata = {"format": "pt"}
     if num_shards == 1:
         save_file(tensors, directory / WEIGHTS_FILE, metadata=metadata)
-        return directory
+        return
     names = list(tensors)
     per_shard = -(-len(names) // num_shards)
     weight_map = {}
@@ -198,4 +264,3 @@ def save_checkpoint(directory: str | Path, config: Olmo2Config, tensors: dict[st
     total = sum(t.numel() * t.element_size() for t in tensors.values())
     (directory / INDEX_FILE).write_text(json.dumps({"metadata": {"total_size": total}, "weight_map": weight_map},
                                                    indent=2) + "\n")
-    return directory

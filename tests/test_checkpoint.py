@@ -155,3 +155,74 @@ assert "triton" not in sys.modules, "triton was imported"
     proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=300,
                           env={k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"})
     assert proc.returncode == 0, proc.stderr[-2000:]
+
+
+def test_saving_over_a_sharded_checkpoint_leaves_no_stale_shards(tmp_path, ckpt):
+    target = make_checkpoint(tmp_path / "target", seed=6, num_shards=3)
+    (target / "README.md").write_text("kept")
+    model = OLMo2.from_pretrained(ckpt, device="cpu")
+    model.save_pretrained(target)  # one file now
+    assert sorted(p.name for p in target.iterdir()) == sorted(
+        ["README.md", "config.json", WEIGHTS_FILE, "tokenizer.json", "tokenizer_config.json", "generation_config.json"])
+    torch.testing.assert_close(logits_of(target), logits_of(ckpt), rtol=0, atol=0)  # the new weights, not the old
+    assert not [p for p in tmp_path.iterdir() if p.name.startswith(".")]  # no staging directory left behind
+
+
+def test_saving_onto_the_models_own_source_directory(tmp_path):
+    source = make_checkpoint(tmp_path / "src", seed=7, num_shards=2)
+    expected = logits_of(source)
+    model = OLMo2.from_pretrained(source, device="cpu")
+    model.save_pretrained(source)  # its weights may be memory-mapped from these very files
+    assert not list(source.glob("model-*")) and (source / WEIGHTS_FILE).is_file()
+    torch.testing.assert_close(logits_of(source), expected, rtol=0, atol=0)
+    torch.testing.assert_close(model(torch.randint(0, 400, (1, 5), generator=torch.Generator().manual_seed(1))),
+                               OLMo2.from_pretrained(source, device="cpu")(
+                                   torch.randint(0, 400, (1, 5), generator=torch.Generator().manual_seed(1))))
+
+
+@pytest.mark.parametrize("num_shards, message", [(0, "num_shards must be an integer >= 1, got 0"),
+                                                 (-1, "num_shards must be an integer >= 1, got -1"),
+                                                 (2.0, "num_shards must be an integer"),
+                                                 (10_000, "more than the")])
+def test_bad_shard_counts_are_refused_before_anything_is_written(tmp_path, ckpt, num_shards, message):
+    model = OLMo2.from_pretrained(ckpt, device="cpu")
+    with pytest.raises(CheckpointError, match=message):
+        model.save_pretrained(tmp_path / "out", num_shards=num_shards)
+    assert not (tmp_path / "out").exists()
+
+
+def test_a_failed_save_leaves_the_existing_checkpoint_intact(tmp_path, ckpt, monkeypatch):
+    target = make_checkpoint(tmp_path / "target", seed=6, num_shards=2)
+    before = {p.name: p.read_bytes() for p in target.iterdir()}
+    import olmo2_fast.checkpoint as checkpoint
+
+    def disk_full(tensors, path, metadata=None):
+        raise OSError(28, "No space left on device")
+    monkeypatch.setattr(checkpoint, "save_file", disk_full)
+    with pytest.raises(CheckpointError, match="No space left on device; an existing checkpoint there is unchanged"):
+        OLMo2.from_pretrained(ckpt, device="cpu").save_pretrained(target)
+    assert {p.name: p.read_bytes() for p in target.iterdir()} == before
+    assert not [p for p in tmp_path.iterdir() if p.name.startswith(".")]
+
+
+def test_saving_to_a_file_path_is_refused(tmp_path, ckpt):
+    (tmp_path / "file").write_text("x")
+    with pytest.raises(CheckpointError, match="it is a file"):
+        OLMo2.from_pretrained(ckpt, device="cpu").save_pretrained(tmp_path / "file")
+
+
+@pytest.mark.parametrize("value, message", [(float("nan"), "holds 1 non-finite values"),
+                                            (float("inf"), "holds 1 non-finite values")])
+def test_non_finite_weights_are_refused_by_name(ckpt, value, message):
+    def poison(t):
+        t["model.layers.1.mlp.down_proj.weight"][3, 4] = value
+    rewrite_weights(ckpt, poison)
+    with pytest.raises(CheckpointError, match=f"model.layers.1.mlp.down_proj.weight in model.safetensors {message}"):
+        OLMo2.from_pretrained(ckpt, device="cpu")
+
+
+def test_weights_that_overflow_float16_are_refused_with_advice(ckpt):
+    rewrite_weights(ckpt, lambda t: t["model.norm.weight"].__setitem__(0, 1e6))
+    with pytest.raises(CheckpointError, match="model.norm.weight .* overflows torch.float16 .*load it in bfloat16"):
+        OLMo2.from_pretrained(ckpt, device="cpu", dtype="float16")
+    assert OLMo2.from_pretrained(ckpt, device="cpu", dtype="bfloat16")  # bf16 holds 1e6
