@@ -4,11 +4,16 @@ The repository keeps `kernels/` and `benchmarks/` at the top level for readers, 
 installs them as `olmo2_fast.kernels` and `olmo2_fast.benchmarks`: both bare names are
 taken on PyPI (transformers imports any top-level `kernels` it can find).
 """
+import re
+from pathlib import Path
+
 from setuptools import setup
+
+VERSION = re.search(r'^__version__ = "(.+)"', (Path(__file__).parent / "olmo2_fast" / "__init__.py").read_text(), re.M)[1]
 
 setup(
     name="olmo2_fast",
-    version="0.1.0",
+    version=VERSION,
     description="Low-latency OLMo 2 inference with Triton kernels",
     python_requires=">=3.10",
     packages=["olmo2_fast", "olmo2_fast.kernels", "olmo2_fast.benchmarks"],

@@ -3,9 +3,20 @@ from __future__ import annotations
 
 import argparse
 import logging
+import os
+import re
 import sys
 
+from . import __version__
 from .errors import Olmo2Error
+
+_ESCAPES = {"n": "\n", "t": "\t", "r": "\r", "\\": "\\"}
+
+
+def unescape(text: str) -> str:
+    """`--stop "\\n\\n"` as a shell passes it (backslash, n) -> two newlines; also \\t, \\r and \\\\.
+    Any other backslash stays as it is."""
+    return re.sub(r"\\([ntr\\])", lambda m: _ESCAPES[m[1]], text)
 
 
 def _add_model_args(parser: argparse.ArgumentParser):
@@ -26,7 +37,8 @@ def _add_sampling_args(parser: argparse.ArgumentParser):
     parser.add_argument("--min-p", type=float)
     parser.add_argument("--repetition-penalty", type=float, default=1.0)
     parser.add_argument("--seed", type=int)
-    parser.add_argument("--stop", action="append", help="stop string (repeatable)")
+    parser.add_argument("--stop", action="append", type=unescape,
+                        help="stop string (repeatable); \\n, \\t, \\r and \\\\ are interpreted, e.g. --stop '\\n\\n'")
 
 
 def _load(args):
@@ -91,6 +103,7 @@ def _add_bench_parser(commands):
 
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="olmo2-fast", description="Low-latency OLMo 2 inference")
+    parser.add_argument("--version", action="version", version=f"olmo2-fast {__version__}")
     commands = parser.add_subparsers(dest="command", required=True)
     generate = commands.add_parser("generate", help="complete a prompt, streaming to the terminal")
     generate.add_argument("prompt", nargs="?", default="The capital of France is")
@@ -125,3 +138,7 @@ def main(argv=None) -> int:
         return 2
     except KeyboardInterrupt:
         return 130
+    except BrokenPipeError:  # the reader went away (`olmo2-fast generate ... | head -1`): stop quietly
+        devnull = os.open(os.devnull, os.O_WRONLY)
+        os.dup2(devnull, sys.stdout.fileno())  # so the interpreter's final flush cannot fail again
+        return 0

@@ -52,3 +52,29 @@ def test_generate_on_the_kernels_reports_the_cache_and_matches_the_torch_backend
     assert main(args + ["--backend", "triton"]) == 0
     triton_out, err = capsys.readouterr()
     assert "backend triton" in err and triton_out == torch_out
+
+
+def test_stop_escapes_version_and_a_light_parser():
+    from olmo2_fast.cli import build_parser, unescape
+    args = build_parser().parse_args(["generate", "--stop", r"\n\n", "--stop", r"a\tb\\n\x", "hi"])
+    assert args.stop == ["\n\n", "a\tb\\n\\x"]
+    assert unescape(r"\r") == "\r"
+    # `olmo2-fast --help` must answer at once: building the parser imports neither torch nor triton.
+    code = ("import sys\nfrom olmo2_fast.cli import build_parser\nbuild_parser()\n"
+            "print(sorted(m for m in ('torch', 'triton', 'numpy') if m in sys.modules))")
+    proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=60)
+    assert proc.returncode == 0 and proc.stdout.strip() == "[]", proc.stdout + proc.stderr
+    proc = subprocess.run([sys.executable, "-m", "olmo2_fast", "--version"], capture_output=True, text=True, timeout=60)
+    from olmo2_fast import __version__
+    assert proc.returncode == 0 and proc.stdout.strip() == f"olmo2-fast {__version__}"
+
+
+def test_a_closed_pipe_ends_generation_quietly(tmp_path):
+    path = make_checkpoint(tmp_path)
+    env = {**os.environ, "OLMO2_FAST_HOME": str(tmp_path)}
+    proc = subprocess.Popen([sys.executable, "-m", "olmo2_fast", "generate", "--model", str(path), "Hi",
+                             "--max-new-tokens", "150"], stdout=subprocess.PIPE, stderr=subprocess.PIPE, env=env)
+    proc.stdout.read(1)  # like `| head -c 1`: read one byte, then hang up
+    proc.stdout.close()
+    err = proc.stderr.read().decode()
+    assert proc.wait(timeout=120) == 0 and "Traceback" not in err, err
