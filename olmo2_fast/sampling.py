@@ -62,6 +62,42 @@ class SamplingParams:
         return self.temperature == 0
 
 
+_MASK32 = 0xFFFFFFFF
+
+
+def _mul32(x: torch.Tensor, c: int) -> torch.Tensor:
+    """(x * c) mod 2^32 for int64 x in [0, 2^32) without int64 overflow: c split into 16-bit halves."""
+    hi = (x * (c >> 16)) & 0xFFFF
+    return (x * (c & 0xFFFF) + (hi << 16)) & _MASK32
+
+
+def hash32(x: torch.Tensor) -> torch.Tensor:
+    """A 32-bit integer mix ("lowbias32", C. Wellons) of int64 x in [0, 2^32), elementwise. Pure integer
+    ops, so every device and backend computes the same bits."""
+    x = x ^ (x >> 16)
+    x = _mul32(x, 0x7FEB352D)
+    x = x ^ (x >> 15)
+    x = _mul32(x, 0x846CA68B)
+    return x ^ (x >> 16)
+
+
+def exponential_noise(seeds: torch.Tensor, positions: torch.Tensor, vocab: int) -> torch.Tensor:
+    """Exp(1) draws (B, vocab) float32, a pure function of (seed, position, token id).
+
+    Counter-based instead of a torch.Generator per row: the draws for the token at `positions[b]`
+    of the request seeded `seeds[b]` are the same whatever the request is batched with, on every
+    backend, without host work per row, and inside a captured CUDA graph (the seeds and positions
+    are device tensors). Uniforms of 24 bits, u in (0, 1), then -log(u).
+    """
+    seeds, positions = seeds.to(torch.int64), positions.to(torch.int64)
+    key = hash32(hash32(seeds & _MASK32) ^ ((seeds >> 32) & _MASK32))
+    key = hash32(key ^ (positions & _MASK32))                                   # (B,)
+    ids = hash32(torch.arange(vocab, device=seeds.device, dtype=torch.int64))   # (V,)
+    bits = hash32(key[:, None] ^ ids[None, :]) >> 8                              # (B, V), 24 bits
+    u = (bits.to(torch.float32) + 0.5) * (1.0 / 2**24)
+    return -torch.log(u)
+
+
 def apply_repetition_penalty(logits: torch.Tensor, seen: torch.Tensor, penalty: float) -> torch.Tensor:
     """HF's rule: a seen token's logit is divided by the penalty when positive, multiplied when negative."""
     penalised = torch.where(logits > 0, logits / penalty, logits * penalty)

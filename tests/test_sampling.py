@@ -66,3 +66,24 @@ def test_per_prompt_seeds():
     assert SamplingParams().seeds(2) == [None, None]
     with pytest.raises(GenerationError, match="exceeds 2\\*\\*63 - 1"):
         SamplingParams(seed=2**63 - 2).seeds(3)
+
+
+def test_counter_based_noise_is_exponential_and_a_function_of_seed_position_and_token():
+    from olmo2_fast.sampling import exponential_noise
+    seeds = torch.tensor([0, 1, 2**40 + 3, 2**63 - 1])
+    positions = torch.tensor([0, 5, 5, 4095])
+    noise = exponential_noise(seeds, positions, 50_000)
+    assert noise.dtype == torch.float32 and torch.isfinite(noise).all() and (noise > 0).all()
+    # Same (seed, position) -> same draws, whatever else is in the batch; any change -> new draws.
+    torch.testing.assert_close(exponential_noise(seeds[1:3], positions[1:3], 50_000), noise[1:3], rtol=0, atol=0)
+    other = exponential_noise(torch.tensor([1, 1]), torch.tensor([6, 5]), 50_000)
+    assert (other[0] != noise[1]).float().mean() > 0.99 and torch.equal(other[1], noise[1])
+    # Exp(1): mean 1, variance 1, and the uniforms behind it spread evenly over 20 bins.
+    flat = noise.flatten().double()
+    assert abs(flat.mean() - 1) < 0.01 and abs(flat.var() - 1) < 0.03
+    counts = torch.histc(torch.exp(-flat), bins=20, min=0, max=1)
+    expected = flat.numel() / 20
+    chi2 = (((counts - expected) ** 2) / expected).sum().item()
+    assert chi2 < 45, chi2  # 19 degrees of freedom: p < 0.001 beyond 43.8
+    # Rows are independent: adjacent seeds are uncorrelated.
+    assert abs(torch.corrcoef(noise[:2].double())[0, 1]) < 0.03
