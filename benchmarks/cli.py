@@ -98,15 +98,18 @@ def _environment(args):
     return env, torch.device(env.device), dtype, notes
 
 
-def _save(args, benchmark: str, env, rows: list[dict], extra: dict | None = None):
+def _save(args, benchmark: str, env, rows: list[dict], extra: dict | None = None, complete: bool = True):
+    """Write --json / --csv. Called after every engine or case with complete=False (the JSON's
+    `complete` says so), so a run that is stopped keeps its rows; then once more at the end."""
     from .report import write_csv, write_json
 
     if args.json:
-        write_json(args.json, benchmark, env, rows, extra)
-        print(f"wrote {len(rows)} rows to {args.json}", file=sys.stderr)
+        write_json(args.json, benchmark, env, rows, {**(extra or {}), "complete": complete})
     if args.csv:
         write_csv(args.csv, rows)
-        print(f"wrote {len(rows)} rows to {args.csv}", file=sys.stderr)
+    if complete:
+        for path in filter(None, (args.json, args.csv)):
+            print(f"wrote {len(rows)} rows to {path}", file=sys.stderr)
 
 
 def cmd_bench_kernels(args) -> int:
@@ -131,10 +134,12 @@ def cmd_bench_kernels(args) -> int:
         notes.append("every candidate timed as CUDA-graph replays over rotating inputs > 2x L2")
     common = {"model": "smoke" if env.smoke else args.size, "dtype": str(dtype).removeprefix("torch.")}
     cases = build_cases(config, dtype, device, grid, args.kernels or KERNELS)
-    rows = run_kernels(cases, plan, peaks, env, backend, common)
+    extra = {"peaks": {**peaks.fields(), "how": peaks.how}}
+    rows = run_kernels(cases, plan, peaks, env, backend, common,
+                       on_rows=lambda so_far: _save(args, "kernels", env, so_far, extra, complete=False))
     print_report(f"olmo2-fast bench kernels: {common['model']} shapes, {common['dtype']}", env, rows,
                  CPU_COLUMNS if env.mode == "cpu-smoke" else COLUMNS, notes)
-    _save(args, "kernels", env, rows, {"peaks": {**peaks.fields(), "how": peaks.how}})
+    _save(args, "kernels", env, rows, extra)
     return 0
 
 
@@ -174,7 +179,8 @@ def cmd_bench_generate(args) -> int:
     specs = engine_specs(env.on_gpu, args.int4, graphs=not args.no_graphs, hf=hf_reason is None)
     settings = GenerateSettings(grid.batches, grid.seqs, new_tokens, args.warmup, args.rep)
     common = {"model": label, "dtype": str(dtype).removeprefix("torch.")}
-    rows = run_generate(specs, weights, config, dtype, device, settings, env, common)
+    rows = run_generate(specs, weights, config, dtype, device, settings, env, common,
+                        on_rows=lambda so_far: _save(args, "generate", env, so_far, complete=False))
     print_report(f"olmo2-fast bench generate: {label}, {common['dtype']}, {new_tokens} new tokens per run", env, rows,
                  CPU_COLUMNS if env.mode == "cpu-smoke" else COLUMNS, notes)
     _save(args, "generate", env, rows)

@@ -4,6 +4,9 @@ Every saved row carries these fields, so a number can never be read without its 
 versions. `mode` is "gpu" (real shapes on a CUDA GPU), "gpu-smoke" (tiny shapes on a GPU,
 `--smoke`) or "cpu-smoke" (no CUDA: tiny shapes, kernels under Triton's interpreter).
 CPU smoke timings exercise the code paths; they are not GPU figures and never stand in for one.
+
+torch is imported only by `detect`: gpu_check prints the versions and the host with
+`package_version` and `host_name` before the project (or anything heavy) is imported.
 """
 from __future__ import annotations
 
@@ -12,10 +15,8 @@ import importlib.metadata
 import os
 from dataclasses import asdict, dataclass
 
-import torch
 
-
-def _version(package: str) -> str | None:
+def package_version(package: str) -> str | None:
     """The installed version, read from package metadata (importing triton here would fix the
     interpreter decision too early; importing transformers is slow)."""
     try:
@@ -33,6 +34,11 @@ def _cpu_name() -> str:
     except OSError:
         pass
     return "unknown CPU"
+
+
+def host_name() -> str:
+    """The CPU model and its core count."""
+    return f"{_cpu_name()} x{os.cpu_count()}"
 
 
 @dataclass(frozen=True)
@@ -68,15 +74,17 @@ class Environment:
 
 def detect(smoke: bool) -> Environment:
     """The environment of this process; without CUDA the run is always a CPU smoke run."""
+    import torch
+
     on_gpu = torch.cuda.is_available()
     mode = ("gpu-smoke" if smoke else "gpu") if on_gpu else "cpu-smoke"
     return Environment(
         mode=mode,
         gpu=torch.cuda.get_device_name() if on_gpu else "none",
         device=f"cuda:{torch.cuda.current_device()}" if on_gpu else "cpu",
-        host=f"{_cpu_name()} x{os.cpu_count()}",
+        host=host_name(),
         torch=torch.__version__,
-        triton=_version("triton"),
-        transformers=_version("transformers"),
+        triton=package_version("triton"),
+        transformers=package_version("transformers"),
         date=datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
     )

@@ -246,8 +246,10 @@ def compare_with_hf(rows: list[dict]):
 
 def run_generate(specs: list[EngineSpec], weights: Callable[[], Iterator], config: Olmo2Config, dtype,
                  device: torch.device, settings: GenerateSettings, env: Environment, common: dict,
-                 progress: bool | None = None) -> list[dict]:
-    """All rows of `bench generate`; `common` (model, dtype) and the environment go into every row."""
+                 progress: bool | None = None, on_rows: Callable[[list[dict]], None] | None = None) -> list[dict]:
+    """All rows of `bench generate`; `common` (model, dtype) and the environment go into every row.
+    `on_rows` gets the rows so far after each engine, so a run stopped midway (gpu_check's time
+    caps) keeps what it measured."""
     total = 0
     for spec in specs:
         interpreted = spec.backend == "triton" and device.type == "cpu"
@@ -257,10 +259,12 @@ def run_generate(specs: list[EngineSpec], weights: Callable[[], Iterator], confi
     try:
         for spec in specs:
             rows += run_engine(spec, weights, config, dtype, device, settings, bar)
+            compare_with_hf(rows)
+            for row in rows:
+                row.update(common)
+                row.update(env.fields())
+            if on_rows is not None:
+                on_rows(rows)
     finally:
         bar.close()
-    compare_with_hf(rows)
-    for row in rows:
-        row.update(common)
-        row.update(env.fields())
     return rows

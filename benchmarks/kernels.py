@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import itertools
 import sys
+from typing import Callable
 
 import torch
 
@@ -124,14 +125,18 @@ def run_case(case: Case, plan: TimingPlan, peaks: Peaks, compile_backend: str | 
 
 
 def run_kernels(cases: list[Case], plan: TimingPlan, peaks: Peaks, env: Environment, compile_backend: str | None,
-                common: dict, progress: bool | None = None) -> list[dict]:
-    """All rows of `bench kernels`; `common` (model size, dtype) and the environment go into every row."""
+                common: dict, progress: bool | None = None,
+                on_rows: Callable[[list[dict]], None] | None = None) -> list[dict]:
+    """All rows of `bench kernels`; `common` (model size, dtype) and the environment go into every row.
+    `on_rows` gets the rows so far after each case, so a run stopped midway keeps what it measured."""
     total = sum(len(c.candidates) + sum(x.compile for x in c.candidates) for c in cases)
     bar = Progress(total, "bench kernels", enabled=progress)
     rows = []
     try:
         for case in cases:
             rows += run_case(case, plan, peaks, compile_backend, {**common, **peaks.fields(), **env.fields()}, bar)
+            if on_rows is not None:
+                on_rows(rows)
     finally:
         bar.close()
     failed = [r for r in rows if r["impl"] == TRITON and r.get("median_ms") is None]

@@ -9,6 +9,7 @@ from __future__ import annotations
 import csv
 import json
 import math
+import os
 import sys
 from dataclasses import dataclass
 from pathlib import Path
@@ -76,7 +77,10 @@ def _finite(value):
 def write_json(path: str | Path, benchmark: str, env: Environment, rows: list[dict], extra: dict | None = None):
     document = {"benchmark": benchmark, "environment": env.fields(), **(extra or {}),
                 "rows": [{k: _finite(v) for k, v in row.items()} for row in rows]}
-    Path(path).write_text(json.dumps(document, indent=1, allow_nan=False) + "\n")
+    # Written aside and renamed: a run killed mid-write (gpu_check's time caps) leaves the last whole file.
+    staging = Path(f"{path}.partial")
+    staging.write_text(json.dumps(document, indent=1, allow_nan=False) + "\n")
+    os.replace(staging, path)
 
 
 def write_csv(path: str | Path, rows: list[dict]):
