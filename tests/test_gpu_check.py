@@ -72,6 +72,10 @@ def test_targets_table():
     for target in TARGETS:
         assert target.card in CARDS or target.card == ANY_CARD, target
         assert target.op in (">=", "<=") and target.figure in FIGURES, target
+    targets_section = (ROOT / "README.md").read_text().split("### Targets")[1].split("\n### ")[0]
+    for target in TARGETS:  # the README quotes the table
+        row = f"{target.bound:,.4g} {target.unit.split()[0]}" if target.unit != "x bf16 tokens/s" else f"{target.bound}×"
+        assert row in targets_section, (row, target)
     assert card_of("NVIDIA H100 80GB HBM3") == "H100" and card_of("NVIDIA H200") == "H200"
     assert card_of("NVIDIA H100 PCIe") is None and card_of("NVIDIA A100-SXM4-80GB") is None
 
