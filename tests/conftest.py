@@ -61,6 +61,37 @@ def gpu_bf16_rounding(monkeypatch):
     monkeypatch.setattr(interpreter.InterpreterBuilder, "cast_impl", cast_impl)
 
 
+@pytest.fixture(autouse=True)
+def gpu_bf16_dots(monkeypatch):
+    """Make the interpreter's tl.dot on bfloat16 operands compute what the GPU's mma does.
+
+    Triton 3.6's InterpreterBuilder.create_dot hands np.matmul the operands' storage,
+    and bfloat16 is stored as uint16: it multiplies bit patterns (triton issue 11584).
+    Widening bf16 to float32 is exact (same exponent, 16 more zero mantissa bits; a
+    shift, so subnormals, inf and NaN keep their values), and a product of two 8-bit
+    significands fits float32's 24: np.matmul then forms exact products and sums them
+    in float32, which is the mma's arithmetic up to summation order.
+    tests/test_interpreter_patches.py checks this against torch after any triton upgrade.
+    """
+    if os.environ.get("TRITON_INTERPRET") != "1":
+        return
+    import triton.language as tl
+    from triton.runtime import interpreter
+
+    raw_dot = interpreter.InterpreterBuilder.create_dot
+
+    def as_float32(operand):
+        if operand.dtype.scalar != tl.bfloat16:
+            return operand
+        widened = (operand.data.astype(np.uint32) << 16).view(np.float32)
+        return interpreter.TensorHandle(widened, tl.float32)
+
+    def create_dot(self, a, b, d, input_precision, max_num_imprecise_acc):
+        return raw_dot(self, as_float32(a), as_float32(b), d, input_precision, max_num_imprecise_acc)
+
+    monkeypatch.setattr(interpreter.InterpreterBuilder, "create_dot", create_dot)
+
+
 @pytest.fixture
 def nan_allocations(monkeypatch):
     """Poison the outputs a launcher allocates itself: torch.empty/empty_like fill
