@@ -24,6 +24,7 @@ import math
 import os
 import platform
 import sys
+import tempfile
 import time
 from dataclasses import asdict, dataclass
 from pathlib import Path
@@ -32,10 +33,12 @@ import torch
 import torch.nn.functional as F
 from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
 
+from .api import TOKENIZER_FILES, OLMo2
 from .checkpoint import save_checkpoint
 from .config import Olmo2Config
 from .demo import ENDOFTEXT, PAD, write_random_checkpoint
 from .demo_corpus import Corpus, build_corpus, python_version, training_texts
+from .evaluate import compare
 from .reference import Olmo2Reference, rope_cos_sin
 
 VOCAB_SIZE = 4096  # a multiple of 128: the embedding and lm_head stay int4- and kernel-friendly
@@ -73,12 +76,12 @@ class Recipe:
 
 
 # Shapes and steps from a calibration on the shared 2-core development VM (load average ~8 from other
-# test runs): the target trained at 270-490 tokens/s on one thread, the draft at ~1000, so both fit in
-# about 60 minutes. The target's widths are multiples of 128 (int4 group-128), head_dim 64 for the kernels.
+# test runs): the target trained at 250-490 tokens/s on one thread, the draft at 650-1400, so both fit
+# in about 60 minutes. The target's widths are multiples of 128 (int4 group-128), head_dim 64 for the kernels.
 TARGET = Recipe("target", demo_config(hidden=256, intermediate=768, layers=4, heads=4, tied=False),
-                steps=400, batch_size=4, lr=3e-3, warmup_steps=40)
+                steps=300, batch_size=4, lr=3e-3, warmup_steps=40)
 DRAFT = Recipe("draft", demo_config(hidden=128, intermediate=512, layers=2, heads=2, tied=True),
-               steps=400, batch_size=4, lr=4e-3, warmup_steps=40)
+               steps=300, batch_size=4, lr=4e-3, warmup_steps=40)
 
 
 # ---------------------------------------------------------------------------------------- tokenizer
@@ -201,12 +204,13 @@ def train(recipe: Recipe, tokens: torch.Tensor, seed: int = SEED) -> tuple[Olmo2
 
 def ship(directory: Path, model: Olmo2Reference, tokenizer: Tokenizer) -> Path:
     """The Hugging Face layout in bf16. demo.write_random_checkpoint is the one writer of the tokenizer
-    files (tokenizer.json, tokenizer_config.json with the chat template, generation_config.json); the
-    random weights it writes are then replaced by the trained ones."""
-    config = model.config
-    write_random_checkpoint(directory, config, dtype=torch.bfloat16, tokenizer=tokenizer)
+    files (tokenizer.json, tokenizer_config.json with the chat template, generation_config.json): they
+    are taken from a random-weight checkpoint it writes aside, beside the trained weights."""
     tensors = {name: t.to(torch.bfloat16) for name, t in model.state_dict().items()}
-    return save_checkpoint(directory, config, tensors)
+    with tempfile.TemporaryDirectory() as scratch:
+        files = write_random_checkpoint(Path(scratch), model.config, tokenizer=tokenizer)
+        tokenizer_files = {name: files / name for name in TOKENIZER_FILES if (files / name).is_file()}
+        return save_checkpoint(directory, model.config, tensors, extra_files=tokenizer_files)
 
 
 # ---------------------------------------------------------------------------------------- measuring
@@ -218,8 +222,6 @@ SAMPLE_TOKENS = 48
 
 def measure(out: Path, target: Recipe, draft: Recipe, heldout: str) -> dict:
     """Reload both shipped checkpoints through the public loader and measure them on the held-out text."""
-    from .api import OLMo2
-    from .evaluate import compare
 
     loaded = {r.name: OLMo2.from_pretrained(out / r.name, device="cpu", backend="torch") for r in (target, draft)}
     started = time.perf_counter()
@@ -267,10 +269,15 @@ def run(out: str | Path, target: Recipe = TARGET, draft: Recipe = DRAFT, corpus:
     for recipe in (target, draft):
         model, record[recipe.name] = train(recipe, tokens, seed)
         ship(out / recipe.name, model, tokenizer)
+        _write_record(out, record)  # a measuring step that fails later does not lose the training figures
     for name, figures in measure(out, target, draft, heldout).items():
         record[name] = {**record[name], **figures} if isinstance(figures, dict) else figures
-    (out / "training.json").write_text(json.dumps(record, indent=2, ensure_ascii=False) + "\n")
+    _write_record(out, record)
     return record
+
+
+def _write_record(out: Path, record: dict):
+    (out / "training.json").write_text(json.dumps(record, indent=2, ensure_ascii=False) + "\n")
 
 
 def main(argv=None) -> int:
