@@ -41,6 +41,7 @@ import torch
 import triton
 import triton.language as tl
 
+from olmo2_fast.kernels._launch import launch_device
 from olmo2_fast.kernels.roofline import Cost, itemsize
 
 SUPPORTED_HEAD_DIMS = (16, 32, 64, 128, 256)
@@ -279,12 +280,14 @@ def _attention_prefill_op(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch
         return out
     cfg = prefill_config(head_dim, q.dtype)
     grid = (triton.cdiv(max_q_len, cfg.block_m), n_heads, batch)
-    torch.library.wrap_triton(_prefill_kernel)[grid](
-        q, k_cache, v_cache, out, cu_seqlens_q, kv_lens,
-        head_dim ** -0.5 * _LOG2E, n_heads // k_cache.shape[1],
-        q.stride(0), q.stride(1), out.stride(0), out.stride(1), k_cache.stride(0), k_cache.stride(1), k_cache.stride(2),
-        HEAD_DIM=head_dim, BLOCK_M=cfg.block_m, BLOCK_N=cfg.block_n, num_warps=cfg.num_warps, num_stages=cfg.num_stages,
-    )
+    with launch_device(q.device):
+        torch.library.wrap_triton(_prefill_kernel)[grid](
+            q, k_cache, v_cache, out, cu_seqlens_q, kv_lens,
+            head_dim ** -0.5 * _LOG2E, n_heads // k_cache.shape[1],
+            q.stride(0), q.stride(1), out.stride(0), out.stride(1), k_cache.stride(0), k_cache.stride(1), k_cache.stride(2),
+            HEAD_DIM=head_dim, BLOCK_M=cfg.block_m, BLOCK_N=cfg.block_n, num_warps=cfg.num_warps,
+            num_stages=cfg.num_stages,
+        )
     return out
 
 
@@ -304,18 +307,20 @@ def _attention_decode_op(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.
     l_part = torch.empty(shape, dtype=torch.float32, device=q.device)
     acc_part = torch.empty(shape + ((head_dim,) if split else ()), dtype=torch.float32, device=q.device)
     grid = (num_splits, n_kv_heads * triton.cdiv(group, cfg.block_m), batch)
-    torch.library.wrap_triton(_decode_kernel)[grid](
-        q, k_cache, v_cache, out, m_part, l_part, acc_part, kv_lens,
-        head_dim ** -0.5 * _LOG2E, group, n_heads, _split_len(max_seq, num_splits, cfg.block_n),
-        q.stride(0), q.stride(1), out.stride(0), out.stride(1), k_cache.stride(0), k_cache.stride(1), k_cache.stride(2),
-        HEAD_DIM=head_dim, BLOCK_G=cfg.block_m, BLOCK_N=cfg.block_n, SPLIT=split,
-        num_warps=cfg.num_warps, num_stages=cfg.num_stages,
-    )
-    if split:
-        torch.library.wrap_triton(_decode_reduce_kernel)[(n_heads, batch)](
-            out, m_part, l_part, acc_part, n_heads, num_splits, out.stride(0), out.stride(1),
-            HEAD_DIM=head_dim, MAX_SPLITS=MAX_SPLITS, num_warps=REDUCE_NUM_WARPS,
+    with launch_device(q.device):
+        torch.library.wrap_triton(_decode_kernel)[grid](
+            q, k_cache, v_cache, out, m_part, l_part, acc_part, kv_lens,
+            head_dim ** -0.5 * _LOG2E, group, n_heads, _split_len(max_seq, num_splits, cfg.block_n),
+            q.stride(0), q.stride(1), out.stride(0), out.stride(1), k_cache.stride(0), k_cache.stride(1),
+            k_cache.stride(2),
+            HEAD_DIM=head_dim, BLOCK_G=cfg.block_m, BLOCK_N=cfg.block_n, SPLIT=split,
+            num_warps=cfg.num_warps, num_stages=cfg.num_stages,
         )
+        if split:
+            torch.library.wrap_triton(_decode_reduce_kernel)[(n_heads, batch)](
+                out, m_part, l_part, acc_part, n_heads, num_splits, out.stride(0), out.stride(1),
+                HEAD_DIM=head_dim, MAX_SPLITS=MAX_SPLITS, num_warps=REDUCE_NUM_WARPS,
+            )
     return out
 
 

@@ -23,11 +23,16 @@
 # per column block, whole groups each) and writes float32 partials [SPLIT_K, M, N]; a
 # tiny kernel sums them in a fixed order. No atomics, so results are deterministic.
 #
+# Configs: launches with M <= FIXED_CONFIG_MAX_M (every decode step: one row per sequence,
+# CUDA-graph buckets up to 64 rows) use a config fixed by the path alone, never the
+# autotuner: a decode step is captured in a CUDA graph, and autotuning there would
+# benchmark and synchronise inside the capture. Only the eager prefill GEMM (M > 64)
+# autotunes, keyed on (bucketed M, N, K) and dtypes, so a new prompt length rarely retunes.
+# Under TRITON_INTERPRET=1 it has a single config (autotune needs a GPU driver).
+#
 # Limits: x, scales and zeros share one dtype (float32/float16/bfloat16); group size 128;
 # any N and M, but N % 16 == 0 (true of every OLMo 2 width) is what lets Triton prove
-# the word rows 16-byte aligned. Autotune keys on (bucketed M, N, K) (and dtypes), so a
-# new batch size never retunes; tune (run each bucket once) before CUDA-graph capture.
-# Under TRITON_INTERPRET=1 each path has a single config (autotune needs a GPU driver).
+# the word rows 16-byte aligned.
 from __future__ import annotations
 
 import os
@@ -36,10 +41,12 @@ import torch
 import triton
 import triton.language as tl
 
+from olmo2_fast.kernels._launch import launch_device
 from olmo2_fast.kernels.int4_format import GROUP_SIZE, Int4Weight, dequantize_int4
 from olmo2_fast.kernels.roofline import Cost, itemsize
 
 DECODE_MAX_M = 16
+FIXED_CONFIG_MAX_M = 64  # >= the largest CUDA-graph decode bucket (olmo2_fast/graphs.py BUCKETS)
 _DOT_BLOCK_M = 16  # tl.dot needs M >= 16; rows past M are masked
 _SPLIT_MAX = 16
 _NOMINAL_BLOCK_N = 64  # column-block width the split heuristic assumes
@@ -52,17 +59,15 @@ def _config(num_warps, num_stages, **meta):
     return triton.Config(meta, num_warps=num_warps, num_stages=num_stages)
 
 
-# Every config the GPU autotuner may pick; tests/test_kernel_int4_matmul.py compiles each
-# for sm_80 and sm_90 (no spills, shared memory within limits). Under the interpreter
-# the autotuner gets the config at INTERPRETER_CONFIG of each list.
-DECODE_CONFIGS = [
-    _config(4, 3, BLOCK_N=64, BLOCK_K=128),
-    _config(4, 4, BLOCK_N=64, BLOCK_K=64),
-    _config(8, 3, BLOCK_N=128, BLOCK_K=128),
-    _config(4, 4, BLOCK_N=128, BLOCK_K=64),
-    _config(2, 4, BLOCK_N=32, BLOCK_K=128),
-    _config(8, 4, BLOCK_N=256, BLOCK_K=64),
-]
+# Every config a launch may use; tests/test_kernel_int4_matmul.py compiles each for sm_80
+# and sm_90 (no spills, shared memory within limits).
+# Decode (M <= 16): one config, fixed. BLOCK_N is the column-block width split_k plans
+# with, so the split heuristic's program count is the launch's; BLOCK_K = 128 is one
+# group per step (one row of scales and zeros). It is also what the interpreter runs.
+DECODE_CONFIGS = [_config(4, 3, BLOCK_N=_NOMINAL_BLOCK_N, BLOCK_K=128)]
+# GEMM (M > 16): the autotuner's space for M > FIXED_CONFIG_MAX_M; for 16 < M <= 64 the
+# first one, whose BLOCK_M = 64 holds every row in one row block (each weight read once).
+# Under the interpreter the autotuner gets the config at INTERPRETER_CONFIG.
 PREFILL_CONFIGS = [
     _config(4, 3, BLOCK_M=64, BLOCK_N=64, BLOCK_K=128, GROUP_M=8),
     _config(4, 4, BLOCK_M=32, BLOCK_N=64, BLOCK_K=128, GROUP_M=8),
@@ -102,7 +107,7 @@ def _int4_matmul_kernel(
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, GROUP_M: tl.constexpr,
     GROUP: tl.constexpr, SPLIT: tl.constexpr, DOT_PRECISION: tl.constexpr,
 ):
-    # M_BUCKET is only an autotune key.
+    # M_BUCKET is only the prefill autotuner's key.
     pid = tl.program_id(0)
     pid_k = tl.program_id(1)
     num_m = tl.cdiv(M, BLOCK_M)
@@ -163,13 +168,14 @@ def _splitk_reduce_kernel(part_ptr, out_ptr, numel, SPLIT_K, BLOCK: tl.constexpr
     tl.store(out_ptr + offs, acc.to(out_ptr.dtype.element_ty), mask=mask)
 
 
-def _autotuned(configs):
-    chosen = configs[INTERPRETER_CONFIG:INTERPRETER_CONFIG + 1] if _INTERPRETED else configs
-    return triton.autotune(configs=chosen, key=["M_BUCKET", "N", "K"])(_int4_matmul_kernel)
+_prefill_autotuned = triton.autotune(
+    configs=PREFILL_CONFIGS[INTERPRETER_CONFIG:INTERPRETER_CONFIG + 1] if _INTERPRETED else PREFILL_CONFIGS,
+    key=["M_BUCKET", "N", "K"])(_int4_matmul_kernel)
+_SMALL_GEMM_CONFIG = PREFILL_CONFIGS[0]
 
 
-_decode_kernel = _autotuned(DECODE_CONFIGS)
-_prefill_kernel = _autotuned(PREFILL_CONFIGS)
+def _launch_options(config: triton.Config) -> dict:
+    return dict(config.kwargs, num_warps=config.num_warps, num_stages=config.num_stages)
 
 
 def m_bucket(m: int) -> int:
@@ -215,21 +221,27 @@ def _int4_matmul_op(x: torch.Tensor, packed: torch.Tensor, scales: torch.Tensor,
     strides = (x.stride(0), packed.stride(0), scales.stride(0), out.stride(0))
     if m > DECODE_MAX_M:
         grid = lambda meta: (triton.cdiv(m, meta["BLOCK_M"]) * triton.cdiv(n, meta["BLOCK_N"]), 1)  # noqa: E731
-        torch.library.wrap_triton(_prefill_kernel)[grid](  # no split: part_ptr is unused
-            *args, out, out, *sizes, k, m_bucket(m), *strides,
-            GROUP=GROUP_SIZE, SPLIT=False, DOT_PRECISION=precision)
+        if m > FIXED_CONFIG_MAX_M:
+            kernel, options = _prefill_autotuned, {}
+        else:
+            kernel, options = _int4_matmul_kernel, _launch_options(_SMALL_GEMM_CONFIG)
+        with launch_device(x.device):
+            torch.library.wrap_triton(kernel)[grid](  # no split: part_ptr is unused
+                *args, out, out, *sizes, k, m_bucket(m), *strides,
+                GROUP=GROUP_SIZE, SPLIT=False, DOT_PRECISION=precision, **options)
         return out
     splits = split_k(m, n, k, _num_sms(x.device))
     k_split = triton.cdiv(k // GROUP_SIZE, splits) * GROUP_SIZE
     part = torch.empty((splits, m, n), device=x.device, dtype=torch.float32) if splits > 1 else out
-    grid = lambda meta: (triton.cdiv(n, meta["BLOCK_N"]), splits)  # noqa: E731
-    torch.library.wrap_triton(_decode_kernel)[grid](
-        *args, out, part, *sizes, k_split, m_bucket(m), *strides,
-        BLOCK_M=1 if m == 1 else _DOT_BLOCK_M, GROUP_M=1, GROUP=GROUP_SIZE, SPLIT=splits > 1,
-        DOT_PRECISION=precision)
-    if splits > 1:
-        torch.library.wrap_triton(_splitk_reduce_kernel)[(triton.cdiv(m * n, _REDUCE_BLOCK),)](
-            part, out, m * n, splits, BLOCK=_REDUCE_BLOCK)
+    config = DECODE_CONFIGS[0]
+    with launch_device(x.device):
+        torch.library.wrap_triton(_int4_matmul_kernel)[(triton.cdiv(n, config.kwargs["BLOCK_N"]), splits)](
+            *args, out, part, *sizes, k_split, m_bucket(m), *strides,
+            BLOCK_M=1 if m == 1 else _DOT_BLOCK_M, GROUP_M=1, GROUP=GROUP_SIZE, SPLIT=splits > 1,
+            DOT_PRECISION=precision, **_launch_options(config))
+        if splits > 1:
+            torch.library.wrap_triton(_splitk_reduce_kernel)[(triton.cdiv(m * n, _REDUCE_BLOCK),)](
+                part, out, m * n, splits, BLOCK=_REDUCE_BLOCK)
     return out
 
 

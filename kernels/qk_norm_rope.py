@@ -34,6 +34,7 @@ import triton
 import triton.language as tl
 
 from ..reference import apply_rope, compute_dtype, rms_norm, rope_cos_sin, rope_inv_freq
+from ._launch import launch_device
 from .roofline import Cost, itemsize
 
 # Elements each thread handles per load: 8 x 2 bytes = one 16-byte vector in bf16/fp16.
@@ -175,15 +176,16 @@ def _qk_norm_rope_op(
     q = torch.empty((n_tokens, n_q_heads, head_dim), dtype=qkv.dtype, device=qkv.device)
     if n_tokens == 0:
         return q
-    torch.library.wrap_triton(_qk_norm_rope_kernel)[(n_tokens,)](
-        q, qkv, q_norm_weight, k_norm_weight, positions, seq_ids, k_cache, v_cache,
-        n_q_heads, n_kv_heads,
-        q.stride(0), q.stride(1), qkv.stride(0),
-        k_cache.stride(0), k_cache.stride(1), k_cache.stride(2),
-        v_cache.stride(0), v_cache.stride(1), v_cache.stride(2),
-        eps, rope_theta, rope_scaling_factor,
-        **_config(n_q_heads, n_kv_heads, head_dim),
-    )
+    with launch_device(qkv.device):
+        torch.library.wrap_triton(_qk_norm_rope_kernel)[(n_tokens,)](
+            q, qkv, q_norm_weight, k_norm_weight, positions, seq_ids, k_cache, v_cache,
+            n_q_heads, n_kv_heads,
+            q.stride(0), q.stride(1), qkv.stride(0),
+            k_cache.stride(0), k_cache.stride(1), k_cache.stride(2),
+            v_cache.stride(0), v_cache.stride(1), v_cache.stride(2),
+            eps, rope_theta, rope_scaling_factor,
+            **_config(n_q_heads, n_kv_heads, head_dim),
+        )
     return q
 
 

@@ -15,6 +15,7 @@ import triton
 import triton.language as tl
 
 from ..reference import rms_norm as rmsnorm_reference  # the model's HF-exact RMSNorm is this kernel's oracle
+from ._launch import launch_device
 from .roofline import Cost, itemsize
 
 MAX_HIDDEN = 16384
@@ -57,13 +58,14 @@ def _launch(out, x, residual, weight, eps: float):
     if x.shape[0] == 0:
         return
     has_residual = residual is not None
-    torch.library.wrap_triton(_rmsnorm_kernel)[(x.shape[0],)](
-        out, x, residual if has_residual else x, weight,
-        x.shape[1],
-        out.stride(0), x.stride(0), residual.stride(0) if has_residual else 0,
-        eps,
-        HAS_RESIDUAL=has_residual, **_config(x.shape[1]),
-    )
+    with launch_device(x.device):
+        torch.library.wrap_triton(_rmsnorm_kernel)[(x.shape[0],)](
+            out, x, residual if has_residual else x, weight,
+            x.shape[1],
+            out.stride(0), x.stride(0), residual.stride(0) if has_residual else 0,
+            eps,
+            HAS_RESIDUAL=has_residual, **_config(x.shape[1]),
+        )
 
 
 @torch.library.triton_op("olmo2_fast::rmsnorm", mutates_args=())

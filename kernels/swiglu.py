@@ -11,6 +11,7 @@ import torch
 import triton
 import triton.language as tl
 
+from ._launch import launch_device
 from .roofline import Cost, itemsize
 
 # 1024 columns over 4 warps: 8 per thread, one 16-byte vector per load in bf16/fp16.
@@ -52,7 +53,8 @@ def _swiglu_op(gate_up: torch.Tensor) -> torch.Tensor:
         return out
     config = _config(n_cols)
     grid = (n_tokens, triton.cdiv(n_cols, config["BLOCK"]))
-    torch.library.wrap_triton(_swiglu_kernel)[grid](out, gate_up, n_cols, out.stride(0), gate_up.stride(0), **config)
+    with launch_device(gate_up.device):
+        torch.library.wrap_triton(_swiglu_kernel)[grid](out, gate_up, n_cols, out.stride(0), gate_up.stride(0), **config)
     return out
 
 
