@@ -146,7 +146,8 @@ def perplexity(model, text: str, *, max_len: int | None = None, stride: int | No
     (default: as many as keep the logits under LOGITS_BUDGET elements); progress: a bar on stderr
     (default: when stderr is a terminal).
     """
-    return _run([model], text, max_len, stride, batch_size, progress)[0]
+    results, _ = _run([model], text, max_len, stride, batch_size, progress)
+    return results[0]
 
 
 def compare(model_a, model_b, text: str, *, max_len: int | None = None, stride: int | None = None,
@@ -156,11 +157,15 @@ def compare(model_a, model_b, text: str, *, max_len: int | None = None, stride: 
 
     The models must tokenize `text` identically and have the same number of logits.
     """
-    return _run([model_a, model_b], text, max_len, stride, batch_size, progress)
+    (a, b), (agree, kl, positions) = _run([model_a, model_b], text, max_len, stride, batch_size, progress)
+    return Comparison(a, b, top1_agreement=agree / positions, mean_kl=kl / positions, positions=positions)
 
 
 def _run(models: Sequence, text: str, max_len, stride, batch_size, progress):
-    if not isinstance(text, str) or not text:
+    """-> (a PerplexityResult per model, (agreeing positions, summed KL, positions) of the first two models)."""
+    if not isinstance(text, str):
+        raise EvaluationError(f"the text to evaluate must be a str, got {type(text).__name__}")
+    if not text:
         raise EvaluationError("the text to evaluate is empty")
     ids = models[0].tokenizer.encode(text)
     _check_comparable(models, text, ids)
@@ -198,10 +203,7 @@ def _run(models: Sequence, text: str, max_len, stride, batch_size, progress):
         bar.advance(len(batch))
     bar.close()
     results = [t.result(len(ids), len(text.encode("utf-8")), len(spans), max_len, stride) for t in totals]
-    if len(models) == 1:
-        return results
-    return Comparison(results[0], results[1], top1_agreement=agree / positions, mean_kl=kl / positions,
-                      positions=positions)
+    return results, (agree, kl, positions)
 
 
 def _check_comparable(models: Sequence, text: str, ids: list[int]):
