@@ -14,7 +14,7 @@ from .checkpoint import CONFIG_FILE, iter_checkpoint, parse_dtype, resolve_check
 from .config import Olmo2Config
 from .errors import CheckpointError, GenerationError
 from .generate import run_generation
-from .graphs import bucket_for
+from .graphs import DecodeGraphs, bucket_for
 from .reference import Olmo2Reference
 from .sampling import SamplingParams
 from .tokenizer import Tokenizer
@@ -112,9 +112,7 @@ class OLMo2:
 
             engine = Olmo2Fast.from_tensors(config, tensors, quantize)
             if device.type == "cuda" and cuda_graphs:
-                from .graphs import DecodeGraphs
-
-                engine.graphs = DecodeGraphs(engine)
+                engine.graphs = DecodeGraphs(engine.decode_step)
         return cls(engine, tokenizer, config, device, dtype, backend, directory, max_batch_size, max_seq_len)
 
     def save_pretrained(self, path: str | Path, num_shards: int = 1) -> Path:
@@ -251,8 +249,10 @@ class OLMo2:
             raise GenerationError(f"request needs a KV cache of batch {batch} x {seq} positions, but the model was "
                                   f"loaded with max_batch_size={cache.max_batch}, max_seq_len={cache.max_seq}")
         seq = min(-(-seq // SEQ_ROUNDING) * SEQ_ROUNDING, self.config.max_position_embeddings)
-        if getattr(self.engine, "graphs", None) is not None:
+        graphs = getattr(self.engine, "graphs", None)
+        if graphs is not None:
             batch = bucket_for(batch)  # spare rows let a graph bucket pad a smaller batch
+            graphs.release()  # the graphs hold the old cache: let it go with them
         if cache is not None:
             batch, seq = max(batch, cache.max_batch), max(seq, cache.max_seq)
         self._cache = None  # release the old cache before allocating the larger one

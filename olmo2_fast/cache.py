@@ -3,7 +3,9 @@
 Layout: `k`, `v` of shape (layers, max_batch, kv_heads, max_seq, head_dim); `layer(l)`
 gives the (max_batch, kv_heads, max_seq, head_dim) views the kernels take. A decode
 kernel reads one sequence's keys for one KV head contiguously, and all query heads of
-that group share them. Cache row b belongs to sequence b of the running batch.
+that group share them. Cache row b belongs to sequence b of the running batch; when
+sequences finish, the generation loop moves running ones into the freed rows
+(`move_row`), so the running batch always occupies rows 0..n-1.
 """
 from __future__ import annotations
 
@@ -51,6 +53,12 @@ class KVCache:
     def layer(self, index: int) -> tuple[torch.Tensor, torch.Tensor]:
         return self.k[index], self.v[index]
 
+    def move_row(self, src: int, dst: int, length: int):
+        """Copy the first `length` cached positions of row `src` into row `dst`, every layer: a device
+        copy of what that sequence has cached (the cost of reading its K/V once), queued like a kernel."""
+        self.k[:, dst, :, :length].copy_(self.k[:, src, :, :length])
+        self.v[:, dst, :, :length].copy_(self.v[:, src, :, :length])
+
 
 @functools.lru_cache(maxsize=64)
 def _decode_rows(n: int, device: torch.device) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
@@ -77,11 +85,12 @@ class StepBatch:
     host_segments: list[tuple[int, int, int]]
 
     @classmethod
-    def decode(cls, ids: torch.Tensor, lengths: list[int], device) -> "StepBatch":
-        """One new token per sequence: ids (B,) already on the device (no host round trip),
-        lengths[b] = tokens sequence b has cached before this one."""
-        positions = torch.tensor(lengths, dtype=torch.int32).to(device, non_blocking=True)
-        rows, cu_seqlens, last_rows = _decode_rows(len(lengths), torch.device(device))
+    def decode(cls, ids: torch.Tensor, positions: torch.Tensor, lengths: list[int]) -> "StepBatch":
+        """One new token per sequence, nothing copied from the host: ids (B,) int64 and positions (B,)
+        int32 are device tensors (the previous step's sampled ids and kv_lens); lengths[b] ==
+        positions[b], the tokens sequence b has cached before this one, as the host counts them
+        (for host_segments). The step's kv_lens, positions + 1, are the next step's positions."""
+        rows, cu_seqlens, last_rows = _decode_rows(len(lengths), ids.device)
         return cls(
             input_ids=ids, positions=positions, seq_ids=rows, cu_seqlens=cu_seqlens, kv_lens=positions + 1,
             last_token_rows=last_rows, max_q_len=1,

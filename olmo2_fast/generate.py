@@ -63,26 +63,29 @@ class _HostIds:
 
     On CUDA the copy goes to pinned memory behind an event, so the next decode step can be
     queued before the host waits: the host's per-token work (detokenising, stop strings)
-    overlaps the device's next step instead of adding to it.
+    overlaps the device's next step instead of adding to it. Buffer and event belong to the
+    ids' device, which need not be the current one.
     """
 
     def __init__(self, batch: int, device: torch.device):
         self.cuda = device.type == "cuda"
         if self.cuda:
-            self.buffer = torch.empty(batch, dtype=torch.int64, pin_memory=True)
+            with torch.cuda.device(device):
+                self.buffer = torch.empty(batch, dtype=torch.int64, pin_memory=True)
             self.ready = torch.cuda.Event()
 
     def start(self, ids: torch.Tensor):
+        self.count = ids.shape[0]
         if self.cuda:
-            self.buffer.copy_(ids, non_blocking=True)
-            self.ready.record()
+            self.buffer[:self.count].copy_(ids, non_blocking=True)
+            self.ready.record(torch.cuda.current_stream(ids.device))  # the stream the copy was queued on
         else:
             self.ids = ids
 
     def wait(self) -> list[int]:
         if self.cuda:
             self.ready.synchronize()
-            return self.buffer.tolist()
+            return self.buffer[:self.count].tolist()
         return self.ids.tolist()
 
 
@@ -91,10 +94,13 @@ def run_generation(engine, cache: KVCache, tokenizer: Tokenizer, prompts: list[l
                    stop: tuple[str, ...] = ()) -> Iterator[list[SequenceState]]:
     """Generate for a batch of prompts; yields the states after every step until all are done.
 
-    One packed prefill for all prompts, then one decode step per token for all rows.
-    Sequences that finish early keep their cache row and are stepped with the rest (their
-    outputs ignored). Step t+1 is queued before step t's ids reach the host, so when
-    every sequence stops, one step has been computed in vain.
+    One packed prefill for all prompts, then one decode step per token for the sequences
+    still running, which occupy cache rows 0..n-1: when some finish, the last running ones
+    move into their rows (cache, position, next id, repetition mask, generator), so the
+    batch, and with CUDA graphs its bucket, shrinks. Decode positions never cross from the
+    host: they start as the prefill's kv_lens and advance on the device (the host keeps the
+    same counts for the reference engine and the moves). Step t+1 is queued before step t's
+    ids reach the host, so a sequence is stepped once more after its last token, in vain.
     """
     device = cache.k.device
     states = [SequenceState(len(p), tokenizer.stream_decoder(), stop) for p in prompts]
@@ -119,16 +125,37 @@ def run_generation(engine, cache: KVCache, tokenizer: Tokenizer, prompts: list[l
         return ids
 
     host = _HostIds(len(prompts), device)
-    lengths = [len(p) for p in prompts]
-    ids = next_ids(StepBatch.build(prompts, [0] * len(prompts), device))
+    rows = list(range(len(prompts)))  # rows[r]: the index of the state cache row r serves
+    lengths = [len(p) for p in prompts]  # tokens each row has cached, counted on the host
+    prefill = StepBatch.build(prompts, [0] * len(prompts), device)
+    positions = prefill.kv_lens  # the same counts on the device
+    ids = next_ids(prefill)
     for produced in range(1, max_new_tokens + 1):
         host.start(ids)
         if produced < max_new_tokens:  # queue the next step before reading this one's ids
-            ids = next_ids(StepBatch.decode(ids, lengths, device))
-            lengths = [n + 1 for n in lengths]
-        for state, token in zip(states, host.wait()):
-            if not state.done:
-                state.add(token, tokenizer.eos_ids, max_new_tokens)
+            batch = StepBatch.decode(ids, positions, lengths)
+            ids, positions, lengths = next_ids(batch), batch.kv_lens, [n + 1 for n in lengths]
+        for row, token in zip(rows, host.wait()):  # the rows step `produced` ran on (they change only below)
+            states[row].add(token, tokenizer.eos_ids, max_new_tokens)
         yield states
-        if all(s.done for s in states):
+        n = sum(not states[state].done for state in rows)
+        if n == 0:
             return
+        if n == len(rows):
+            continue
+        # Shrink to the n running sequences: each finished row below n takes a running row above it.
+        holes = [r for r in range(n) if states[rows[r]].done]
+        movers = [r for r in range(n, len(rows)) if not states[rows[r]].done]
+        with torch.inference_mode():  # ids is an inference tensor
+            for dst, src in zip(holes, movers):
+                cache.move_row(src, dst, lengths[src])
+                for tensor in (ids, positions) if seen is None else (ids, positions, seen):
+                    tensor[dst] = tensor[src]
+                rows[dst], lengths[dst] = rows[src], lengths[src]
+                if generators is not None:
+                    generators[dst] = generators[src]
+        rows, lengths, ids, positions = rows[:n], lengths[:n], ids[:n], positions[:n]
+        if seen is not None:
+            seen = seen[:n]
+        if generators is not None:
+            generators = generators[:n]

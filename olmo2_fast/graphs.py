@@ -1,82 +1,170 @@
-"""CUDA-graph decode: each decode step of the kernel-backed model, captured once per batch bucket.
+"""CUDA-graph decode: a decode step captured once per batch bucket, then replayed.
 
 At batch 1 a decode step is ~10 launches per layer; launched one by one from Python they
 cost as much as the HBM floor of a small model. A captured graph replays all of them
-with one launch. Each bucket (1, 2, 4, 8, 16, ...) owns static input buffers (ids,
-positions, cache rows, cached lengths) that a replay fills in place; rows past the real
-batch decode a dummy token into their own unused cache rows, which exist because the
-cache's batch is rounded up to a bucket.
+with one launch.
+
+The mechanics are split in two so that everything but the capture itself runs (and is
+tested) on a CPU:
+  * `DecodeGraphs` picks the bucket (1, 2, 4, ..., 64) of a decode batch, owns each bucket's
+    static inputs (a `StepBatch` of padding rows), fills them in place before a replay and
+    captures again when the cache changes;
+  * a recorder turns "run this step" into a `CapturedStep`: `CudaGraphRecorder` with
+    `torch.cuda.CUDAGraph`; tests use a fake that re-runs the step on replay
+    (tests/fake_graphs.py), driving the same bucket and buffer code.
+The captured step is any callable `step(batch, cache) -> Tensor` (today
+`Olmo2Fast.decode_step`) that reads only the batch's device tensors and the cache: a host
+value it read (a `.item()`, `host_segments`) would be frozen into the graph; it must not
+autotune either (kernels/int4_matmul.py fixes its decode configs by shape for this).
+
+Rows past the real batch are padding: they decode token 0 at the cache's last position
+into their own cache row, which exists because with graphs on the cache's batch is
+rounded up to a bucket (`bucket_for`). Batches above the largest bucket decode eagerly.
 """
 from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Callable, Protocol
 
 import torch
 
 from .cache import KVCache, StepBatch
 
 BUCKETS = (1, 2, 4, 8, 16, 32, 64)
+WARMUP_RUNS = 2  # before a capture: the first launches compile kernels, which must not happen inside it
+
+DecodeStep = Callable[[StepBatch, KVCache], torch.Tensor]
 
 
 def bucket_for(batch: int) -> int:
-    for size in BUCKETS:
-        if batch <= size:
-            return size
-    raise ValueError(f"decode batch {batch} exceeds the largest CUDA-graph bucket {BUCKETS[-1]}")
+    """The rows a decode step of `batch` sequences runs with graphs on (and the cache rows it needs):
+    the smallest bucket that holds it, or `batch` itself above the largest bucket, where the
+    step runs eagerly (its launches are then amortised over many rows anyway)."""
+    if isinstance(batch, bool) or not isinstance(batch, int) or batch < 1:
+        raise ValueError(f"a decode batch must be a positive int, got {batch!r}")
+    return next((size for size in BUCKETS if batch <= size), batch)
 
 
-class _Graph:
-    def __init__(self, model, cache: KVCache, size: int, pool):
+@dataclass
+class CapturedStep:
+    """A recorded step: `replay()` recomputes `output` in place from the static inputs it was recorded on."""
+    output: torch.Tensor
+    replay: Callable[[], None]
+
+
+class GraphRecorder(Protocol):
+    def capture(self, step: Callable[[], torch.Tensor], device: torch.device) -> CapturedStep: ...
+
+
+class CudaGraphRecorder:
+    """Records steps as CUDA graphs on the step's device (not the current one).
+
+    Warm-up and capture run on a side stream of that device; all graphs of a device share
+    one memory pool, so the buckets reuse each other's intermediate buffers (only one
+    replays at a time, in stream order) instead of each holding its own.
+    """
+
+    def __init__(self):
+        self._streams: dict[torch.device, tuple[torch.cuda.Stream, tuple]] = {}
+
+    def capture(self, step: Callable[[], torch.Tensor], device: torch.device) -> CapturedStep:
+        with torch.cuda.device(device):
+            if device not in self._streams:
+                self._streams[device] = (torch.cuda.Stream(device), torch.cuda.graph_pool_handle())
+            stream, pool = self._streams[device]
+            current = torch.cuda.current_stream(device)
+            stream.wait_stream(current)
+            with torch.cuda.stream(stream):
+                for _ in range(WARMUP_RUNS):
+                    step()
+            current.wait_stream(stream)
+            graph = torch.cuda.CUDAGraph()
+            # An explicit stream: torch.cuda.graph's default one is made once, on whatever device
+            # was current at its first use.
+            with torch.cuda.graph(graph, pool=pool, stream=stream):
+                output = step()
+
+        def replay():
+            with torch.cuda.device(device):  # cudaGraphLaunch goes to the current device's stream
+                graph.replay()
+        return CapturedStep(output, replay)
+
+
+def _set_padding(batch: StepBatch, rows: slice, max_seq: int):
+    """Rows no real sequence fills (warm-up, padding) decode token 0 at the cache's last slot,
+    attending to one key: live data never sits in that slot when a decode step starts (a
+    sequence at position max_seq - 1 writes it itself before reading it), so the warm-up,
+    which runs before any row is filled, clobbers no live sequence's tokens."""
+    batch.input_ids[rows] = 0
+    batch.positions[rows] = max_seq - 1
+    batch.kv_lens[rows] = 1
+
+
+class BucketGraph:
+    """One bucket's static inputs and its captured step over them."""
+
+    def __init__(self, step: DecodeStep, cache: KVCache, size: int, recorder: GraphRecorder):
         device = cache.k.device
         rows = torch.arange(size, device=device, dtype=torch.int32)
-        # Rows no real sequence fills (warm-up, padding) write their K/V into the cache's last slot:
-        # live data never sits there when a decode step starts (a sequence at position max_seq - 1
-        # writes that slot itself before reading it), so earlier tokens are never clobbered.
-        self.batch = StepBatch(
-            input_ids=torch.zeros(size, dtype=torch.int64, device=device),
-            positions=torch.full((size,), cache.max_seq - 1, dtype=torch.int32, device=device),
+        static = StepBatch(
+            input_ids=torch.empty(size, dtype=torch.int64, device=device),
+            positions=torch.empty(size, dtype=torch.int32, device=device),
             seq_ids=rows,
             cu_seqlens=torch.arange(size + 1, device=device, dtype=torch.int32),
-            kv_lens=torch.ones(size, dtype=torch.int32, device=device),  # padding rows attend to one key
+            kv_lens=torch.empty(size, dtype=torch.int32, device=device),
             last_token_rows=rows.long(),
             max_q_len=1,
             host_segments=[(i, i + 1, 1) for i in range(size)],
         )
-        # Warm up on a side stream (first launches compile and autotune kernels, which must not be captured).
-        stream = torch.cuda.Stream()
-        stream.wait_stream(torch.cuda.current_stream())
-        with torch.cuda.stream(stream):
-            for _ in range(2):
-                model.forward(self.batch, cache, decode=True)
-        torch.cuda.current_stream().wait_stream(stream)
-        self.graph = torch.cuda.CUDAGraph()
-        with torch.cuda.graph(self.graph, pool=pool):
-            self.logits = model.forward(self.batch, cache, decode=True)
+        _set_padding(static, slice(None), cache.max_seq)
+        self.static, self.max_seq = static, cache.max_seq
+        self.filled = 0  # leading rows the last fill gave to real sequences
+        self.captured = recorder.capture(lambda: step(static, cache), device)
+
+    def fill(self, batch: StepBatch):
+        """Copy a decode batch's ids, positions and lengths into the first rows (device to device);
+        rows a longer previous batch filled go back to padding."""
+        n = batch.input_ids.shape[0]
+        self.static.input_ids[:n].copy_(batch.input_ids)
+        self.static.positions[:n].copy_(batch.positions)
+        self.static.kv_lens[:n].copy_(batch.kv_lens)
+        if n < self.filled:
+            _set_padding(self.static, slice(n, self.filled), self.max_seq)
+        self.filled = n
 
     def replay(self, batch: StepBatch) -> torch.Tensor:
-        n = batch.input_ids.shape[0]
-        static = self.batch
-        static.input_ids[:n].copy_(batch.input_ids)
-        static.positions[:n].copy_(batch.positions)
-        static.kv_lens[:n].copy_(batch.kv_lens)
-        self.graph.replay()
-        return self.logits[:n]
+        """The step's output rows for `batch`: a view of the graph's output, valid until its next replay."""
+        self.fill(batch)
+        self.captured.replay()
+        return self.captured.output[:batch.input_ids.shape[0]]
 
 
 class DecodeGraphs:
-    """Lazily captured decode graphs, one per batch bucket, over one cache (recaptured if the cache changes)."""
+    """Decode steps replayed from graphs captured lazily, one per bucket, over one cache.
 
-    def __init__(self, model):
-        self.model = model
-        self.graphs: dict[int, _Graph] = {}
+    A new cache drops the graphs (they address the old cache's memory) and captures again;
+    call `release()` before freeing a cache so the graphs do not keep it alive.
+    """
+
+    def __init__(self, step: DecodeStep, recorder: GraphRecorder | None = None):
+        self.step = step
+        self.recorder = CudaGraphRecorder() if recorder is None else recorder
+        self.graphs: dict[int, BucketGraph] = {}
         self.cache: KVCache | None = None
-        self.pool = torch.cuda.graph_pool_handle()  # one memory pool shared by every bucket's graph
 
     def replay(self, batch: StepBatch, cache: KVCache) -> torch.Tensor:
-        size = bucket_for(batch.input_ids.shape[0])
-        if size > cache.max_batch:  # no spare cache rows to pad the bucket with
-            return self.model.forward(batch, cache, decode=True)
+        n = batch.input_ids.shape[0]
+        size = bucket_for(n)
+        if n > BUCKETS[-1] or size > cache.max_batch:  # no bucket, or no spare cache rows to pad it with
+            return self.step(batch, cache)
         if cache is not self.cache:
-            self.graphs.clear()
+            self.release()
             self.cache = cache
         if size not in self.graphs:
-            self.graphs[size] = _Graph(self.model, cache, size, self.pool)
+            self.graphs[size] = BucketGraph(self.step, cache, size, self.recorder)
         return self.graphs[size].replay(batch)
+
+    def release(self):
+        """Forget every graph and the cache they were captured over."""
+        self.graphs.clear()
+        self.cache = None

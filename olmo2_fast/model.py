@@ -10,8 +10,9 @@ Same math as reference.py, laid out for speed:
     `attention_decode` with split-KV for one token per sequence);
   * each sublayer ends in one `residual_rmsnorm` (OLMo 2's post-norm plus the residual);
   * lm_head runs only on the rows whose logits are needed.
-On CUDA, decode steps replay a captured CUDA graph (graphs.py). On a CPU the kernels run
-under Triton's interpreter: slow, for tests only.
+On CUDA, decode steps replay a captured CUDA graph (graphs.py captures `decode_step`).
+Every launch runs on its tensors' device, which need not be the current one. On a CPU the
+kernels run under Triton's interpreter: slow, for tests only.
 """
 from __future__ import annotations
 
@@ -26,6 +27,7 @@ from .cache import KVCache, StepBatch
 from .checkpoint import expected_shapes
 from .config import INT4_METHOD, Olmo2Config
 from .errors import CheckpointError
+from .graphs import DecodeGraphs
 from .kernels.attention import SUPPORTED_HEAD_DIMS, attention_decode, attention_prefill
 from .kernels.int4_format import GROUP_SIZE, Int4Weight, int4_tensors, quantize_int4
 from .kernels.int4_matmul import int4_matmul
@@ -59,7 +61,7 @@ class Olmo2Fast:
     def __init__(self, config: Olmo2Config, embed: torch.Tensor, layers: list[LayerWeights], norm: torch.Tensor,
                  lm_head: Weight):
         self.config, self.embed, self.layers, self.norm, self.lm_head = config, embed, layers, norm, lm_head
-        self.graphs = None  # set by graphs.DecodeGraphs on CUDA
+        self.graphs: DecodeGraphs | None = None  # replays decode steps when set (api: on CUDA unless cuda_graphs=False)
 
     @classmethod
     def from_tensors(cls, config: Olmo2Config, tensors: Iterator[tuple[str, torch.Tensor]],
@@ -151,6 +153,11 @@ class Olmo2Fast:
         if decode and self.graphs is not None:
             return self.graphs.replay(batch, cache)
         return self.forward(batch, cache, decode)
+
+    def decode_step(self, batch: StepBatch, cache: KVCache) -> torch.Tensor:
+        """One token per sequence -> logits (B, vocab): what a CUDA graph captures. Reads only the batch's
+        device tensors (never host_segments) and launches no autotuned kernel."""
+        return self.forward(batch, cache, decode=True)
 
     def forward(self, batch: StepBatch, cache: KVCache, decode: bool) -> torch.Tensor:
         cfg = self.config
