@@ -110,7 +110,7 @@ def test_generation_stops_at_the_end_of_the_context(model):
     (lambda m: m.generate(3.5), "must be a str or a non-empty list"),
     (lambda m: m.generate([]), "must be a str or a non-empty list"),
     (lambda m: m.generate(["a", [1, 2]]), "all strings or all token id lists"),
-    (lambda m: m.generate("hi", temperature=-0.5), "temperature must be >= 0"),
+    (lambda m: m.generate("hi", temperature=-0.5), "temperature must be a finite number >= 0"),
     (lambda m: m.generate("hi", stop=[""]), "stop must be a non-empty string"),
     (lambda m: list(m.stream(["a", "b"])), "stream\\(\\) takes one prompt"),
 ])
