@@ -2,8 +2,10 @@
 
 Every kernel test uses these pieces the same way:
   * `DEVICE` is "cuda" on a GPU and "cpu" under Triton's interpreter (see conftest.py);
-  * `DTYPES` are the dtypes a test may run: bf16 dots are wrong in the interpreter
-    (triton issue 11584), so `dot_dtypes()` drops bf16 there;
+  * every kernel runs in `ALL_DTYPES` (float32, float16, bfloat16) under the interpreter
+    too: conftest.py patches the interpreter's bf16 tl.dot (it multiplied raw uint16
+    storage, triton issue 11584) and its float32 -> bf16 cast (it truncated) to compute
+    what the GPU computes; tests/test_interpreter_patches.py checks both patches;
   * outputs are poisoned with NaN before a launch so unwritten elements fail;
   * `assert_close_to_ref` bounds the kernel's error against a float64 reference by
     twice the error PyTorch itself makes in the same dtype, plus a small atol
@@ -32,9 +34,9 @@ ATOL = {torch.float32: 1e-5, torch.float16: 1e-3, torch.bfloat16: 1e-2, torch.fl
 SHARED_LIMIT = {80: 166_912, 90: 232_448}
 
 
-def dot_dtypes():
-    """Dtypes for kernels that use tl.dot: bf16 only on a real GPU."""
-    return ALL_DTYPES if not INTERPRETED else (torch.float32, torch.float16)
+def dtype_id(dtype: torch.dtype) -> str:
+    """A readable pytest id: "bfloat16", not "dtype2"."""
+    return str(dtype).removeprefix("torch.")
 
 
 def poisoned(shape, dtype, device=DEVICE):

@@ -1,7 +1,9 @@
 """Tests for kernels/attention.py: prefill and decode vs a float64 reference, GPU compile checks."""
 import pytest
 import torch
-from harness import DEVICE, assert_close_to_ref, assert_compiles_clean, kernel_spec, run_without_interpreter
+from harness import (
+    ALL_DTYPES, DEVICE, assert_close_to_ref, assert_compiles_clean, dtype_id, kernel_spec, run_without_interpreter,
+)
 
 from olmo2_fast.kernels import attention as attn
 from olmo2_fast.kernels.attention import (
@@ -13,8 +15,6 @@ from olmo2_fast.kernels.roofline import Cost
 # a kernel fails to write, or a partial the reducer reads unwritten, fails the check.
 pytestmark = pytest.mark.usefixtures("nan_allocations")
 
-# bf16 tl.dot is wrong under the interpreter (triton issue 11584): bf16 runs on a GPU only.
-DTYPES = [torch.float32, torch.float16, pytest.param(torch.bfloat16, marks=pytest.mark.cuda)]
 # (Hq, Hkv, D): GQA groups 1, 2, 5 (OLMo-2 32B) and 8, both head widths.
 HEADS = [(2, 2, 128), (4, 2, 64), (10, 2, 64), (8, 1, 128)]
 
@@ -50,7 +50,7 @@ def check_against_reference(out, q, k_cache, v_cache, cu, lens):
 
 
 @pytest.mark.parametrize("heads", HEADS, ids=lambda h: f"Hq{h[0]}-Hkv{h[1]}-D{h[2]}")
-@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("dtype", ALL_DTYPES, ids=dtype_id)
 def test_prefill_ragged_batch(dtype, heads):
     # A fresh prompt (17/17), a single token (1/1), a chunk of 40 on top of 260 cached
     # positions, and a 3-token chunk after 2 cached ones.
@@ -58,7 +58,7 @@ def test_prefill_ragged_batch(dtype, heads):
     check_against_reference(attention_prefill(*case, max_q_len=40), *case)
 
 
-@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("dtype", ALL_DTYPES, ids=dtype_id)
 def test_prefill_long_cache_multi_block(dtype):
     # 130 queries span two 128-row blocks; the chunk of 20 sits at positions 1080..1099.
     case = make_case([130, 20], [130, 1100], 10, 2, 64, dtype, seed=1)
@@ -82,7 +82,7 @@ def make_decode_case(kv_lens, heads, dtype, max_seq, seed=0):
 
 @pytest.mark.parametrize("num_splits", [None, 1, 3, attn.MAX_SPLITS])
 @pytest.mark.parametrize("heads", HEADS, ids=lambda h: f"Hq{h[0]}-Hkv{h[1]}-D{h[2]}")
-@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("dtype", ALL_DTYPES, ids=dtype_id)
 def test_decode_lengths_and_splits(dtype, heads, num_splits):
     # MAX_SPLITS over 1100 slots makes 64-slot splits: the length-1 sequence has 31
     # empty splits, and splits 18.. are empty for every sequence.
@@ -140,7 +140,7 @@ REAL_HEADS = [(16, 16, 128), (40, 8, 128)]
 
 @pytest.mark.heavy
 @pytest.mark.parametrize("heads", REAL_HEADS, ids=lambda h: f"Hq{h[0]}-Hkv{h[1]}")
-@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("dtype", ALL_DTYPES, ids=dtype_id)
 def test_prefill_real_widths(dtype, heads):
     case = make_case([700, 1, 64], [700, 2000, 4096], *heads, dtype, max_seq=4096, seed=5)
     check_against_reference(attention_prefill(*case, max_q_len=700), *case)
@@ -148,7 +148,7 @@ def test_prefill_real_widths(dtype, heads):
 
 @pytest.mark.heavy
 @pytest.mark.parametrize("heads", REAL_HEADS, ids=lambda h: f"Hq{h[0]}-Hkv{h[1]}")
-@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("dtype", ALL_DTYPES, ids=dtype_id)
 def test_decode_real_widths(dtype, heads):
     q, k_cache, v_cache, lens, cu = make_decode_case([1, 257, 2049, 4096], heads, dtype, max_seq=4096, seed=6)
     check_against_reference(attention_decode(q, k_cache, v_cache, lens), q, k_cache, v_cache, cu, lens)

@@ -6,7 +6,9 @@ import pytest
 import torch
 import triton.language as tl
 
-from harness import DEVICE, assert_close_to_ref, assert_compiles_clean, dot_dtypes, kernel_spec, run_without_interpreter
+from harness import (
+    ALL_DTYPES, DEVICE, assert_close_to_ref, assert_compiles_clean, dtype_id, kernel_spec, run_without_interpreter,
+)
 from olmo2_fast.kernels import int4_matmul as int4_module
 from olmo2_fast.kernels.int4_format import Int4Weight, dequantize_int4, quantize_int4
 from olmo2_fast.kernels.int4_matmul import (
@@ -35,17 +37,11 @@ def _check(x, qw):
     return out
 
 
-@pytest.mark.parametrize("dtype", dot_dtypes())
+@pytest.mark.parametrize("dtype", ALL_DTYPES, ids=dtype_id)
 @pytest.mark.parametrize("m", M_VALUES)
 @pytest.mark.parametrize("n, k", SMALL_NK)
 def test_matches_float64(n, k, m, dtype, nan_allocations):
     _check(torch.randn(m, k, device=DEVICE).to(dtype), _weight(n, k, dtype))
-
-
-@pytest.mark.parametrize("n, k", SMALL_NK)
-def test_gemv_bfloat16(n, k, nan_allocations):
-    """M == 1 uses no tl.dot, so bf16 runs under the interpreter too."""
-    _check(torch.randn(1, k, device=DEVICE).to(torch.bfloat16), _weight(n, k, torch.bfloat16))
 
 
 @pytest.mark.parametrize("m", [1, 2])
@@ -142,7 +138,7 @@ def test_cost():
 
 
 @pytest.mark.heavy
-@pytest.mark.parametrize("dtype", dot_dtypes())
+@pytest.mark.parametrize("dtype", ALL_DTYPES, ids=dtype_id)
 @pytest.mark.parametrize("m", [1, 4, 16, 64, 300])
 @pytest.mark.parametrize("n, k", PUBLISHED_NK)
 def test_published_widths(n, k, m, dtype, nan_allocations):

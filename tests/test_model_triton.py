@@ -1,14 +1,16 @@
 """The kernel-backed forward (backend="triton") against the plain-PyTorch reference.
 
-On a CPU the kernels run under Triton's interpreter (float32 / float16: bf16 dots are
-broken there); on a GPU the same tests run natively, in bf16 too, with CUDA graphs.
+On a CPU the kernels run under Triton's interpreter (every dtype, bf16 included: see
+conftest.py's bf16 patches); on a GPU the same tests run natively, with CUDA graphs too.
 """
+import copy
+
 import pytest
 import torch
 import triton.runtime.interpreter as interpreter
 
 from checkpoints import make_checkpoint
-from harness import DEVICE, INTERPRETED
+from harness import ALL_DTYPES, DEVICE, INTERPRETED, assert_close_to_ref, dtype_id
 from olmo2_fast import OLMo2
 from olmo2_fast.cache import KVCache, StepBatch
 from olmo2_fast.errors import CheckpointError
@@ -23,8 +25,6 @@ SHAPES = {
 }
 INT4_SHAPE = dict(hidden_size=128, intermediate_size=256, num_attention_heads=2, num_key_value_heads=1)
 PROMPTS = ["The capital of France is", "Once upon a time", "A key-value cache keeps the keys of earlier tokens"]
-DTYPES = ["float32", "float16"] + (["bfloat16"] if not INTERPRETED else [])
-TOL = {"float32": dict(rtol=1e-4, atol=1e-4), "float16": dict(rtol=2e-2, atol=2e-2), "bfloat16": dict(rtol=5e-2, atol=5e-2)}
 
 
 def pair(path, dtype="float32", **kwargs):
@@ -38,11 +38,14 @@ def checkpoint(request, tmp_path_factory):
     return make_checkpoint(tmp_path_factory.mktemp(request.param), seed=21, **SHAPES[request.param])
 
 
-@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("dtype", ALL_DTYPES, ids=dtype_id)
 def test_logits_match_the_reference(checkpoint, dtype):
-    fast, ref = pair(checkpoint, dtype)
+    # The harness rule on the whole forward: the oracle is the reference on the same
+    # (dtype-rounded) weights in float64; the same-dtype baseline is the reference backend.
+    fast, ref = pair(checkpoint, dtype_id(dtype))
+    oracle = copy.deepcopy(ref.engine).double()
     ids = torch.randint(0, 400, (2, 13), device=DEVICE)
-    torch.testing.assert_close(fast(ids).float(), ref(ids).float(), **TOL[dtype])
+    assert_close_to_ref(fast(ids), oracle(ids), ref(ids))
 
 
 def test_greedy_tokens_batching_and_streaming_match_the_reference(checkpoint):
@@ -55,18 +58,23 @@ def test_greedy_tokens_batching_and_streaming_match_the_reference(checkpoint):
     assert fast.generate(PROMPTS[0], **sampled) == ref.generate(PROMPTS[0], **sampled)
 
 
-def test_chunked_steps_write_the_cache_like_the_reference(checkpoint):
-    fast, ref = pair(checkpoint)
-    cfg = fast.config
-    caches = [KVCache(cfg, 2, 24, torch.float32, DEVICE) for _ in range(2)]
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=dtype_id)
+def test_chunked_steps_write_the_cache_like_the_reference(checkpoint, dtype):
+    # Prefill chunks on top of cached tokens, then a decode step (the decode attention kernel);
+    # logits and cache under the harness rule, the reference stepping in float64 as the oracle.
+    fast, ref = pair(checkpoint, dtype_id(dtype))
+    oracle = copy.deepcopy(ref.engine).double()
+    engines = (fast.engine, ref.engine, oracle)
+    caches = [KVCache(fast.config, 2, 24, cache_dtype, DEVICE) for cache_dtype in (dtype, dtype, torch.float64)]
     plan = [([[5, 6, 7, 8, 9], [10, 11]], [0, 0]), ([[12, 13], [14]], [5, 2]), ([[15], [16]], [7, 3])]
     for chunks, starts in plan:
         batch = StepBatch.build(chunks, starts, DEVICE)
         with torch.inference_mode():
-            got, want = fast.engine.step(batch, caches[0]), ref.engine.step(batch, caches[1])
-        torch.testing.assert_close(got, want, rtol=1e-4, atol=1e-4)
-    torch.testing.assert_close(caches[0].k[:, :, :, :8], caches[1].k[:, :, :, :8], rtol=1e-5, atol=1e-5)
-    torch.testing.assert_close(caches[0].v[:, :, :, :8], caches[1].v[:, :, :, :8], rtol=1e-5, atol=1e-5)
+            got, want, exact = (engine.step(batch, cache) for engine, cache in zip(engines, caches))
+        assert_close_to_ref(got, exact, want)
+    for name in ("k", "v"):  # positions 0..7 of row 0, 0..3 of row 1 (the rest stays zero)
+        got, want, exact = (getattr(cache, name)[:, :, :, :8] for cache in caches)
+        assert_close_to_ref(got, exact, want)
 
 
 @pytest.mark.skipif(not INTERPRETED, reason="counts launches through Triton's interpreter")
