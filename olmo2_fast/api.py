@@ -255,7 +255,7 @@ class OLMo2:
             graphs.release()  # the graphs hold the old cache: let it go with them
         if cache is not None:
             batch, seq = max(batch, cache.max_batch), max(seq, cache.max_seq)
-        self._cache = None  # release the old cache before allocating the larger one
+        cache = self._cache = None  # free the old cache (this frame's reference too) before allocating the larger one
         return self._allocate_cache(batch, seq)
 
     def _allocate_cache(self, batch: int, seq: int) -> KVCache:

@@ -1,4 +1,6 @@
 """The public API on the torch backend: generate, stream, batching, stopping, seeds, errors."""
+import weakref
+
 import pytest
 import torch
 
@@ -131,6 +133,22 @@ def test_a_preallocated_cache_refuses_requests_that_do_not_fit(tmp_path):
         model.generate(PROMPTS, max_new_tokens=4)
     with pytest.raises(GenerationError, match="max_batch_size=2, max_seq_len=32"):
         model.generate(PROMPTS[0], max_new_tokens=40)
+
+
+def test_a_growing_cache_is_freed_before_the_larger_one_is_allocated(tmp_path, monkeypatch):
+    import olmo2_fast.api as api
+
+    model = OLMo2.from_pretrained(make_checkpoint(tmp_path), device="cpu")
+    model.generate(PROMPTS[0], max_new_tokens=4)
+    old, allocate = weakref.ref(model._cache), api.KVCache
+    alive = []
+
+    def allocating(*args, **kwargs):
+        alive.append(old() is not None)
+        return allocate(*args, **kwargs)
+    monkeypatch.setattr(api, "KVCache", allocating)
+    model.generate(PROMPTS, max_new_tokens=4)  # three rows where there was one
+    assert alive == [False]
 
 
 def test_the_grown_cache_is_reused(model):

@@ -7,13 +7,14 @@ recapture are the production code, and every captured step runs under the captur
 The model is the smallest the kernels take (head_dim 16, hidden 64, one layer); batch
 sizes 1, 2, 3, 5, 9, 17 fill every bucket from 1 to 32 with and without padding.
 """
+import weakref
+
 import pytest
-import torch
 
 from checkpoints import make_checkpoint
 from fake_graphs import FakeGraphRecorder
 from harness import DEVICE
-from olmo2_fast import OLMo2
+from olmo2_fast import OLMo2, api
 from olmo2_fast.graphs import DecodeGraphs
 
 SMALL_MODEL = dict(hidden_size=64, intermediate_size=96, num_hidden_layers=1, num_attention_heads=4,
@@ -74,13 +75,21 @@ def test_a_shrinking_batch_replays_smaller_buckets(checkpoint, eager):
     assert buckets[-1] == 8 and len(buckets) >= 2, buckets
 
 
-def test_a_larger_request_recaptures_on_the_new_cache(checkpoint, eager):
+def test_a_larger_request_recaptures_on_the_new_cache(checkpoint, eager, monkeypatch):
     model = graphed(checkpoint)
     model.generate(prompts(2), max_new_tokens=2)
-    first = model._cache
-    assert model.engine.graphs.cache is first and list(model.engine.graphs.graphs) == [2]
-    assert model.generate(prompts(5), max_new_tokens=2) == eager.generate(prompts(5), max_new_tokens=2)
-    assert model._cache is not first and model._cache.max_batch == 8
+    first = weakref.ref(model._cache)
+    assert model.engine.graphs.cache is first() and list(model.engine.graphs.graphs) == [2]
+    expected = eager.generate(prompts(5), max_new_tokens=2)
+    allocate, old_alive = api.KVCache, []
+
+    def allocating(*args, **kwargs):
+        old_alive.append(first() is not None)
+        return allocate(*args, **kwargs)
+    monkeypatch.setattr(api, "KVCache", allocating)
+    assert model.generate(prompts(5), max_new_tokens=2) == expected
+    assert old_alive == [False]  # the graphs let go of the old cache before the new one was allocated
+    assert model._cache.max_batch == 8
     assert model.engine.graphs.cache is model._cache and list(model.engine.graphs.graphs) == [8]
     assert model.engine.graphs.graphs[8].static.positions.device == model._cache.k.device
 
