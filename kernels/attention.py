@@ -284,7 +284,8 @@ def _attention_prefill_op(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch
         torch.library.wrap_triton(_prefill_kernel)[grid](
             q, k_cache, v_cache, out, cu_seqlens_q, kv_lens,
             head_dim ** -0.5 * _LOG2E, n_heads // k_cache.shape[1],
-            q.stride(0), q.stride(1), out.stride(0), out.stride(1), k_cache.stride(0), k_cache.stride(1), k_cache.stride(2),
+            q.stride(0), q.stride(1), out.stride(0), out.stride(1), k_cache.stride(0), k_cache.stride(1),
+            k_cache.stride(2),
             HEAD_DIM=head_dim, BLOCK_M=cfg.block_m, BLOCK_N=cfg.block_n, num_warps=cfg.num_warps,
             num_stages=cfg.num_stages,
         )

@@ -80,5 +80,5 @@ def test_move_row_copies_the_cached_positions_of_every_layer(model):
     cache.move_row(2, 0, 5)
     torch.testing.assert_close(cache.k[:, 0, :, :5], before_k[:, 2, :, :5], rtol=0, atol=0)
     torch.testing.assert_close(cache.v[:, 0, :, :5], before_v[:, 2, :, :5], rtol=0, atol=0)
-    torch.testing.assert_close(cache.k[:, 0, :, 5:], before_k[:, 0, :, 5:], rtol=0, atol=0)  # past the length: untouched
+    torch.testing.assert_close(cache.k[:, 0, :, 5:], before_k[:, 0, :, 5:], rtol=0, atol=0)  # past length: untouched
     torch.testing.assert_close(cache.k[:, 1:], before_k[:, 1:], rtol=0, atol=0)
