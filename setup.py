@@ -35,7 +35,8 @@ setup(
         "hub": ["huggingface_hub"],
         "parity": ["transformers==5.24.0"],  # tests/test_hf_parity.py and the bench's HF baseline
         "eval": ["lm-eval==0.4.13"],  # the lm-evaluation-harness adapter
-        "serve": ["fastapi>=0.110", "uvicorn>=0.30", "openai>=1.40", "httpx>=0.27"],  # server + its client in tests
+        # the server, its clients in tests: openai, httpx, and tenacity for lm-eval's local-completions model
+        "serve": ["fastapi>=0.110", "uvicorn>=0.30", "openai>=1.40", "httpx>=0.27", "tenacity"],
     },
     entry_points={"console_scripts": ["olmo2-fast=olmo2_fast.cli:main"]},
 )

@@ -1,4 +1,4 @@
-"""`olmo2-fast bench kernels | generate`: the command line of the benchmark engine.
+"""`olmo2-fast bench kernels | generate | serve`: the command line of the benchmark engine.
 
 olmo2_fast/cli.py registers the parser with `add_bench_parser`. Nothing here imports triton at
 module load: without CUDA the command switches Triton's interpreter on first (it must be set
@@ -47,7 +47,7 @@ def _add_common(parser: argparse.ArgumentParser, batch_help: str, seq_help: str)
 
 
 def add_bench_parser(commands):
-    """Register `bench` with its `kernels` and `generate` subcommands on the CLI's subparsers."""
+    """Register `bench` with its `kernels`, `generate` and `serve` subcommands on the CLI's subparsers."""
     bench = commands.add_parser("bench", help="benchmark the kernels or end-to-end generation",
                                 description="Benchmarks on a CUDA GPU; without one, a CPU smoke run of every path.")
     sub = bench.add_subparsers(dest="bench_command", required=True)
@@ -75,6 +75,10 @@ def add_bench_parser(commands):
     generate.add_argument("--warmup", type=int, default=1, metavar="N", help="untimed runs per shape (default 1)")
     generate.add_argument("--rep", type=int, default=3, metavar="N", help="timed runs per shape (default 3)")
     generate.set_defaults(func=cmd_bench_generate)
+
+    from .serve import add_serve_bench_parser  # `bench serve`: the OpenAI server under concurrent clients
+
+    add_serve_bench_parser(sub)
 
 
 def _environment(args):

@@ -119,6 +119,9 @@ def build_parser() -> argparse.ArgumentParser:
     from .eval_cli import add_eval_parser  # `eval perplexity | compare`; imports no torch at load
 
     add_eval_parser(commands)
+    from .serve_cli import add_serve_parser  # `serve`: the OpenAI-compatible server; imports no torch at load
+
+    add_serve_parser(commands)
     return parser
 
 
