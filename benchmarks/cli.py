@@ -85,7 +85,7 @@ def _environment(args):
     """(environment, device, dtype, notes): the interpreter decision comes first, before any kernel import."""
     import torch
 
-    from olmo2_fast.api import enable_triton_interpreter
+    from olmo2_fast.engine import enable_triton_interpreter
     from olmo2_fast.checkpoint import parse_dtype
 
     from .environment import detect

@@ -5,7 +5,7 @@ is first imported; `python -m pytest tests` never collects this folder.
 """
 import torch
 
-from olmo2_fast.api import enable_triton_interpreter
+from olmo2_fast.engine import enable_triton_interpreter
 
 if not torch.cuda.is_available():
     enable_triton_interpreter()

@@ -4,8 +4,9 @@ Engines are built in memory, on the device, from random weights at a published s
 (`demo.random_state_dict`, always seed 0, so every engine and HF hold the same weights) or from
 `--model PATH`; nothing is written to disk. One engine is alive at a time.
 
-Our engines run the library's own generation loop (`generate.run_generation`: packed prefill,
-greedy sampling on the device, one host read per token) on random prompt ids. No EOS and no
+Our engines run the library's own generation loop (`scheduler.Scheduler`: packed prefill,
+greedy sampling on the device, one host read per token, the next step queued first) on random
+prompt ids. No EOS and no
 detokenisation: every run produces exactly the requested number of tokens, like HF's
 `generate(min_new_tokens=N)` on the other side. For each (engine, batch B, prompt length P):
   T(n)        median wall time of a whole generation of n new tokens per row (host clock, after
@@ -29,11 +30,9 @@ import torch
 
 from olmo2_fast.cache import KVCache
 from olmo2_fast.config import Olmo2Config
-from olmo2_fast.generate import run_generation
-from olmo2_fast.graphs import bucket_for
+from olmo2_fast.engine import build_engine as build_our_engine
 from olmo2_fast.progress import Progress
-from olmo2_fast.reference import Olmo2Reference
-from olmo2_fast.sampling import SamplingParams
+from olmo2_fast.scheduler import Request, Scheduler
 
 from . import hf_baseline
 from .environment import Environment
@@ -86,7 +85,7 @@ def grid_points(batches, seqs) -> list[tuple[int, int]]:
 
 
 class _IdsOnly:
-    """What run_generation needs of a tokenizer when only token ids matter: the vocabulary bound,
+    """What the scheduler needs of a tokenizer when only token ids matter: the vocabulary bound,
     no EOS (every run produces exactly max_new_tokens) and no text."""
 
     def __init__(self, vocab_size: int):
@@ -112,16 +111,8 @@ def drain(state: dict) -> Iterator[tuple[str, torch.Tensor]]:
 def build_engine(spec: EngineSpec, config: Olmo2Config, tensors, device: torch.device):
     if spec.backend == "hf":
         return hf_baseline.build_hf_model(config, tensors, device)
-    if spec.backend == "torch":
-        return Olmo2Reference.from_tensors(config, tensors, device)
-    from olmo2_fast.model import Olmo2Fast
-
-    engine = Olmo2Fast.from_tensors(config, tensors, spec.quantize)
-    if spec.graphs:
-        from olmo2_fast.graphs import DecodeGraphs
-
-        engine.graphs = DecodeGraphs(engine)
-    return engine
+    return build_our_engine(config, tensors, backend=spec.backend, device=device, quantize=spec.quantize,
+                            cuda_graphs=spec.graphs)
 
 
 def _sync(device: torch.device):
@@ -130,14 +121,14 @@ def _sync(device: torch.device):
 
 
 def our_generate_seconds(engine, cache: KVCache, prompts: list[list[int]], new_tokens: int) -> float:
-    tokenizer = _IdsOnly(engine.config.vocab_size)
+    scheduler = Scheduler(engine, _IdsOnly(engine.config.vocab_size), cache)
     _sync(cache.k.device)
     start = time.perf_counter()
-    produced = 0
-    for states in run_generation(engine, cache, tokenizer, prompts, max_new_tokens=new_tokens,
-                                 params=SamplingParams(), seeds=[None] * len(prompts)):
-        produced = len(states[0].ids)
+    sequences = [scheduler.add(Request(tuple(p), new_tokens)) for p in prompts]
+    while not scheduler.idle:
+        scheduler.step()
     seconds = time.perf_counter() - start
+    produced = len(sequences[0].ids)
     if produced != new_tokens:
         raise RuntimeError(f"generation produced {produced} tokens, expected {new_tokens}")
     return seconds
@@ -172,7 +163,7 @@ def _runner(spec: EngineSpec, engine, config: Olmo2Config, dtype, device, batch:
     if spec.backend == "hf":
         prompts = ids.to(device)
         return lambda n: hf_baseline.hf_generate_seconds(engine, prompts, n)
-    rows = bucket_for(batch) if spec.graphs else batch  # a graph bucket pads the batch with spare cache rows
+    rows = engine.cache_rows(batch)  # a graph bucket pads the batch with spare cache rows
     cache = KVCache(config, rows, prompt_len + new_tokens, dtype, device)
     prompts = ids.tolist()
     return lambda n: our_generate_seconds(engine, cache, prompts, n)

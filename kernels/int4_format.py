@@ -162,6 +162,12 @@ def dequantize_int4(qw: Int4Weight) -> torch.Tensor:
     return ((q - MID_CODE) * s + z).reshape(n, k).to(qw.dtype)
 
 
+def int4_matmul_reference(x: torch.Tensor, qw: Int4Weight) -> torch.Tensor:
+    """x [M, K] @ W^T in plain PyTorch: x.float() @ dequantize_int4(qw).float().T, cast to x.dtype. The
+    int4_matmul kernel's twin, and the torch backend's int4 projection (here: importing it needs no triton)."""
+    return (x.float() @ dequantize_int4(qw).float().T).to(x.dtype)
+
+
 def int4_quantization_error(w: torch.Tensor, group_size: int = GROUP_SIZE) -> float:
     """Relative Frobenius error ||dequant(quant(W)) - W|| / ||W|| (for docs and tests)."""
     wq = dequantize_int4(quantize_int4(w, group_size)).double()

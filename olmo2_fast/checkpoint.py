@@ -17,7 +17,7 @@ import torch
 from safetensors import SafetensorError, safe_open
 from safetensors.torch import save_file
 
-from .config import INT4_GROUP_SIZE, Olmo2Config
+from .config import Olmo2Config
 from .errors import CheckpointError
 from .progress import Progress
 
@@ -37,17 +37,40 @@ def parse_dtype(dtype) -> torch.dtype:
     raise CheckpointError(f"unsupported dtype {dtype!r}: choose float32, bfloat16 or float16")
 
 
+def fused_projections(config: Olmo2Config) -> dict[str, tuple[tuple[str, int], ...]]:
+    """The projections of a layer as the kernel engine and quantised checkpoints hold them: fused name ->
+    its Hugging Face parts (name, output width) stacked along the output features, in order."""
+    q, kv, i, h = config.q_width, config.kv_width, config.intermediate_size, config.hidden_size
+    return {
+        "self_attn.qkv_proj": (("self_attn.q_proj", q), ("self_attn.k_proj", kv), ("self_attn.v_proj", kv)),
+        "self_attn.o_proj": (("self_attn.o_proj", h),),
+        "mlp.gate_up_proj": (("mlp.gate_proj", i), ("mlp.up_proj", i)),
+        "mlp.down_proj": (("mlp.down_proj", h),),
+    }
+
+
+def projection_in_features(config: Olmo2Config) -> dict[str, int]:
+    """in_features of each fused projection (its K)."""
+    return {"self_attn.qkv_proj": config.hidden_size, "self_attn.o_proj": config.q_width,
+            "mlp.gate_up_proj": config.hidden_size, "mlp.down_proj": config.intermediate_size}
+
+
 def expected_shapes(config: Olmo2Config) -> dict[str, tuple[int, ...]]:
     """Every tensor an OLMo 2 checkpoint must hold, by its Hugging Face name.
 
     A checkpoint saved quantised (config.quantization set) holds the fused projections
-    instead, each as `<name>.qweight` (int32 [K // 8, N]) and `<name>.scales` / `.zeros`
-    ([K // 128, N]), in the layout of olmo2_fast.kernels.int4_format.
+    instead, in the tensors its quantisation method names (olmo2_fast.quantization).
     """
-    h, i = config.hidden_size, config.intermediate_size
+    h = config.hidden_size
     shapes = {"model.embed_tokens.weight": (config.vocab_size, h), "model.norm.weight": (h,)}
     if not config.tie_word_embeddings:
         shapes["lm_head.weight"] = (config.vocab_size, h)
+    method = None
+    if config.quantization:
+        from .quantization import checkpoint_method  # torch-only imports: config stays light
+
+        method = checkpoint_method(config)
+    in_features = projection_in_features(config)
     for layer in range(config.num_hidden_layers):
         p = f"model.layers.{layer}."
         shapes.update({
@@ -56,22 +79,13 @@ def expected_shapes(config: Olmo2Config) -> dict[str, tuple[int, ...]]:
             p + "post_attention_layernorm.weight": (h,),
             p + "post_feedforward_layernorm.weight": (h,),
         })
-        if config.quantization:
-            fused = {"self_attn.qkv_proj": (config.q_width + 2 * config.kv_width, h),
-                     "self_attn.o_proj": (h, config.q_width), "mlp.gate_up_proj": (2 * i, h), "mlp.down_proj": (h, i)}
-            for name, (n, k) in fused.items():
-                shapes[f"{p}{name}.qweight"] = (k // 8, n)
-                shapes[f"{p}{name}.scales"] = shapes[f"{p}{name}.zeros"] = (k // INT4_GROUP_SIZE, n)
-        else:
-            shapes.update({
-                p + "self_attn.q_proj.weight": (config.q_width, h),
-                p + "self_attn.k_proj.weight": (config.kv_width, h),
-                p + "self_attn.v_proj.weight": (config.kv_width, h),
-                p + "self_attn.o_proj.weight": (h, config.q_width),
-                p + "mlp.gate_proj.weight": (i, h),
-                p + "mlp.up_proj.weight": (i, h),
-                p + "mlp.down_proj.weight": (h, i),
-            })
+        for fused, parts in fused_projections(config).items():
+            k = in_features[fused]
+            if method is not None:
+                n = sum(width for _, width in parts)
+                shapes.update({f"{p}{fused}.{suffix}": shape for suffix, shape in method.tensor_shapes(n, k).items()})
+            else:
+                shapes.update({f"{p}{part}.weight": (width, k) for part, width in parts})
     return shapes
 
 
@@ -132,6 +146,11 @@ def iter_checkpoint(directory: Path, config: Olmo2Config, dtype: torch.dtype, de
     Name checks happen before any tensor is read, so a wrong checkpoint fails fast.
     """
     expected = expected_shapes(config)
+    method = None
+    if config.quantization:
+        from .quantization import checkpoint_method
+
+        method = checkpoint_method(config)
     files = weight_files(directory)
     optional = {"lm_head.weight"} if config.tie_word_embeddings else set()  # tied: extra copy allowed, ignored
     missing = sorted(set(expected) - set(files))
@@ -156,10 +175,10 @@ def iter_checkpoint(directory: Path, config: Olmo2Config, dtype: torch.dtype, de
                     if tuple(tensor.shape) != expected[name]:
                         raise CheckpointError(f"tensor {name} in {path.name} has shape {tuple(tensor.shape)}, "
                                               f"expected {expected[name]} from config.json")
-                    if name.endswith(".qweight"):  # packed int4 codes stay int32
+                    if method is not None and method.is_code_tensor(name):  # quantised codes keep their dtype
                         if tensor.dtype != torch.int32:
                             raise CheckpointError(f"tensor {name} in {path.name} has dtype {tensor.dtype}, expected "
-                                                  "int32 packed int4 codes")
+                                                  f"int32 packed {method.name} codes")
                         yield name, tensor.to(device=device)
                     elif tensor.dtype not in LOADABLE_DTYPES:
                         raise CheckpointError(f"tensor {name} in {path.name} has dtype {tensor.dtype}; supported: "

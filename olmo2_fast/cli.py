@@ -19,14 +19,14 @@ def unescape(text: str) -> str:
     return re.sub(r"\\([ntr\\])", lambda m: _ESCAPES[m[1]], text)
 
 
-def _add_model_args(parser: argparse.ArgumentParser):
-    parser.add_argument("--model", help="checkpoint directory or hub id (default: the built-in random-weight demo)")
+def add_model_args(parser: argparse.ArgumentParser):
+    parser.add_argument("--model", help="checkpoint directory or hub id (default: the built-in demo model)")
     parser.add_argument("--revision", help="hub revision (branch, tag or commit), e.g. an intermediate checkpoint")
     parser.add_argument("--device", help="cpu or cuda (default: cuda when available)")
     parser.add_argument("--dtype", help="bfloat16, float32 or float16 (default: bfloat16 on CUDA, float32 on CPU)")
     parser.add_argument("--backend", default="auto",
                         help="triton, torch or auto (default: triton on CUDA, torch on CPU)")
-    parser.add_argument("--int4", action="store_true", help="int4 group-128 weight-only quantisation (triton backend)")
+    parser.add_argument("--int4", action="store_true", help="int4 group-128 weight-only quantisation")
 
 
 def _add_sampling_args(parser: argparse.ArgumentParser):
@@ -41,37 +41,62 @@ def _add_sampling_args(parser: argparse.ArgumentParser):
                         help="stop string (repeatable); \\n, \\t, \\r and \\\\ are interpreted, e.g. --stop '\\n\\n'")
 
 
-def _load(args):
+def _generation_options(args) -> dict:
+    return dict(max_new_tokens=args.max_new_tokens, temperature=args.temperature, top_k=args.top_k, top_p=args.top_p,
+                min_p=args.min_p, repetition_penalty=args.repetition_penalty, seed=args.seed, stop=args.stop)
+
+
+def load_model(args):
+    """The model the command line names (--model, or the built-in demo model), said on stderr."""
     from .api import OLMo2
-    from .demo import demo_checkpoint
+    from .demo import demo_model
 
     path = args.model
     if path is None:
-        path = demo_checkpoint()
-        print(f"[olmo2-fast] no --model given: using the built-in demo checkpoint at {path} "
-              "(tiny, RANDOM weights: the text is gibberish; pass --model PATH for a real OLMo 2)", file=sys.stderr)
+        path, description = demo_model()
+        print(f"[olmo2-fast] no --model given: using {description}", file=sys.stderr)
     model = OLMo2.from_pretrained(path, device=args.device, dtype=args.dtype, backend=args.backend,
                                   revision=args.revision, quantize="int4" if args.int4 else None)
     print(f"[olmo2-fast] {model.config.num_hidden_layers} layers, hidden {model.config.hidden_size}, "
-          f"{model.dtype} on {model.device}, backend {model.backend}", file=sys.stderr)
+          f"{model.dtype} on {model.device}, backend {model.backend}" + (", int4" if args.int4 else ""),
+          file=sys.stderr)
     return model
 
 
+FINISHED = {"eos": "the model ended the text", "stop": "a stop string", "length": "--max-new-tokens reached",
+            "context": "the model's context is full"}
+
+
+def summary(result) -> str:
+    """One line on how a generation went: new tokens, speed, time to first token, why it stopped."""
+    speed = f", {result.decode_tokens_per_s:.1f} tokens/s after the first" if result.decode_tokens_per_s else ""
+    return (f"[olmo2-fast] {len(result.token_ids)} new tokens in {result.total_time:.2f} s{speed}, first token after "
+            f"{result.time_to_first_token * 1e3:.0f} ms; stopped: {FINISHED[result.finish_reason]}")
+
+
 def cmd_generate(args) -> int:
-    model = _load(args)
-    for piece in model.stream(args.prompt, max_new_tokens=args.max_new_tokens, temperature=args.temperature,
-                              top_k=args.top_k, top_p=args.top_p, seed=args.seed, stop=args.stop,
-                              min_p=args.min_p, repetition_penalty=args.repetition_penalty):
+    model = load_model(args)
+    stream = model.stream(args.prompt, **_generation_options(args))
+    for piece in stream:
         sys.stdout.write(piece)
         sys.stdout.flush()
     sys.stdout.write("\n")
+    sys.stdout.flush()
+    if not args.quiet:
+        print(summary(stream.result), file=sys.stderr)
     return 0
 
 
 def cmd_chat(args) -> int:
-    """A terminal conversation: each line you type is a user turn; the reply streams back."""
-    model = _load(args)
-    messages = [{"role": "system", "content": args.system}] if args.system else []
+    """A terminal conversation: each line you type is a user turn; the reply streams back. The KV cache
+    carries over between turns, so each turn prefills only itself (chat.ChatSession)."""
+    from .errors import GenerationError
+
+    model = load_model(args)
+    session = model.chat_session(args.system, **_generation_options(args))  # refuses a model without a template
+    # Undecodable input bytes become lone surrogates, which the tokenizer refuses with their position.
+    if hasattr(sys.stdin, "reconfigure"):  # a real text stream (tests pass a StringIO)
+        sys.stdin.reconfigure(errors="surrogateescape")
     interactive = sys.stdin.isatty()
     while True:
         if interactive:
@@ -82,16 +107,14 @@ def cmd_chat(args) -> int:
             return 0
         if not line.strip():
             continue
-        messages.append({"role": "user", "content": line.rstrip("\n")})
-        reply = []
-        for piece in model.stream_chat(messages, max_new_tokens=args.max_new_tokens, temperature=args.temperature,
-                                       top_k=args.top_k, top_p=args.top_p, seed=args.seed, stop=args.stop,
-                                       min_p=args.min_p, repetition_penalty=args.repetition_penalty):
-            reply.append(piece)
-            sys.stdout.write(piece)
-            sys.stdout.flush()
+        try:
+            for piece in session.send(line.rstrip("\n")):
+                sys.stdout.write(piece)
+                sys.stdout.flush()
+        except GenerationError as e:  # this turn only: the conversation goes on
+            print(f"olmo2-fast: error: {e}", file=sys.stderr)
         sys.stdout.write("\n")
-        messages.append({"role": "assistant", "content": "".join(reply)})
+        sys.stdout.flush()
 
 
 def _add_bench_parser(commands):
@@ -107,12 +130,13 @@ def build_parser() -> argparse.ArgumentParser:
     commands = parser.add_subparsers(dest="command", required=True)
     generate = commands.add_parser("generate", help="complete a prompt, streaming to the terminal")
     generate.add_argument("prompt", nargs="?", default="The capital of France is")
-    _add_model_args(generate)
+    generate.add_argument("--quiet", action="store_true", help="no summary line on stderr after the text")
+    add_model_args(generate)
     _add_sampling_args(generate)
     generate.set_defaults(func=cmd_generate)
     chat = commands.add_parser("chat", help="talk to an instruct model with its chat template (one line per turn)")
     chat.add_argument("--system", help="a system message to open the conversation")
-    _add_model_args(chat)
+    add_model_args(chat)
     _add_sampling_args(chat)
     chat.set_defaults(func=cmd_chat, max_new_tokens=256)
     _add_bench_parser(commands)

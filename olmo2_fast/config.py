@@ -15,8 +15,6 @@ from pathlib import Path
 from .errors import ConfigError
 
 ROPE_TYPES = ("default", "linear")
-INT4_METHOD = "olmo2_fast_int4"  # quant_method of checkpoints saved by OLMo2.save_pretrained after quantize="int4"
-INT4_GROUP_SIZE = 128
 
 
 @dataclass(frozen=True)
@@ -37,7 +35,9 @@ class Olmo2Config:
     bos_token_id: int | None = None
     eos_token_id: tuple[int, ...] = field(default_factory=tuple)
     pad_token_id: int | None = None
-    quantization: str | None = None  # INT4_METHOD for checkpoints saved quantised by olmo2_fast
+    # config.json's quantization_config as (key, value) pairs, for checkpoints saved quantised by olmo2_fast;
+    # olmo2_fast.quantization.checkpoint_method reads it.
+    quantization_config: tuple[tuple[str, object], ...] = ()
 
     def __post_init__(self):
         positive = ("hidden_size", "intermediate_size", "num_hidden_layers", "num_attention_heads",
@@ -67,6 +67,11 @@ class Olmo2Config:
     @property
     def head_dim(self) -> int:
         return self.head_dim_override or self.hidden_size // self.num_attention_heads
+
+    @property
+    def quantization(self) -> str | None:
+        """quant_method of a checkpoint saved quantised, else None."""
+        return dict(self.quantization_config).get("quant_method")
 
     @property
     def group_size(self) -> int:
@@ -110,7 +115,7 @@ class Olmo2Config:
             return raw[name]
 
         theta, factor = _rope(raw, source)
-        quantization = _quantization(raw.get("quantization_config"), source)
+        quantization = _quantization_config(raw.get("quantization_config"), source)
         heads = required("num_attention_heads")
         tied = raw.get("tie_word_embeddings", False)
         if not isinstance(tied, bool):
@@ -135,7 +140,7 @@ class Olmo2Config:
             bos_token_id=optional_token_id(raw.get("bos_token_id"), "bos_token_id", source),
             eos_token_id=token_ids(raw.get("eos_token_id"), "eos_token_id", source),
             pad_token_id=optional_token_id(raw.get("pad_token_id"), "pad_token_id", source),
-            quantization=quantization,
+            quantization_config=quantization,
         )
 
     @classmethod
@@ -180,8 +185,7 @@ class Olmo2Config:
             "eos_token_id": list(self.eos_token_id) if len(self.eos_token_id) > 1
             else (self.eos_token_id[0] if self.eos_token_id else None),
             "pad_token_id": self.pad_token_id,
-            **({"quantization_config": {"quant_method": self.quantization, "bits": 4, "group_size": INT4_GROUP_SIZE}}
-               if self.quantization else {}),
+            **({"quantization_config": dict(self.quantization_config)} if self.quantization_config else {}),
         }
 
     def with_(self, **changes) -> "Olmo2Config":
@@ -216,14 +220,12 @@ def token_ids(value, name: str, source: str) -> tuple[int, ...]:
     return tuple(value)
 
 
-def _quantization(spec, source: str) -> str | None:
+def _quantization_config(spec, source: str) -> tuple[tuple[str, object], ...]:
     if spec is None:
-        return None
-    method = spec.get("quant_method") if isinstance(spec, dict) else None
-    if method != INT4_METHOD or spec.get("group_size", INT4_GROUP_SIZE) != INT4_GROUP_SIZE:
-        raise ConfigError(f"{source}: quantization_config {spec!r} is not supported; olmo2_fast loads unquantised "
-                          f"checkpoints (quantize='int4' at load) and its own {INT4_METHOD!r} group-128 checkpoints")
-    return method
+        return ()
+    if not isinstance(spec, dict) or not isinstance(spec.get("quant_method"), str):
+        raise ConfigError(f"{source}: quantization_config must be an object with a string quant_method, got {spec!r}")
+    return tuple(spec.items())
 
 
 def _rope(raw: dict, source: str) -> tuple[float, float]:

@@ -19,6 +19,7 @@ from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
 
 from .checkpoint import expected_shapes, save_checkpoint
 from .config import Olmo2Config
+from .errors import CheckpointError
 
 ENDOFTEXT, PAD = "<|endoftext|>", "<|pad|>"
 # Tulu-style template of the OLMo 2 Instruct releases: BOS first, then <|user|> / <|assistant|> turns.
@@ -39,12 +40,13 @@ CORPUS = [
     "Once upon a time there was a small model that wanted to run fast on a big GPU.",
 ]
 
+# Widths of 128 so that int4 (groups of 128 input features) applies; head_dim 32 for the kernels.
 DEMO_CONFIG = Olmo2Config(
-    hidden_size=64, intermediate_size=176, num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2,
+    hidden_size=128, intermediate_size=256, num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2,
     vocab_size=512, max_position_embeddings=512, rms_norm_eps=1e-6, rope_theta=500000.0,
     torch_dtype="float32", bos_token_id=None, pad_token_id=1, eos_token_id=(0,),
 )
-DEMO_VERSION = "1"
+DEMO_VERSION = "2"
 
 
 def train_tokenizer(vocab_size: int = 400) -> Tokenizer:
@@ -91,15 +93,39 @@ def write_random_checkpoint(directory: str | Path, config: Olmo2Config = DEMO_CO
     return directory
 
 
+REQUIRED_FILES = ("config.json", "model.safetensors", "tokenizer.json", "tokenizer_config.json",
+                  "generation_config.json")
+TRAINED_DEMO = Path(__file__).parent / "demo_models" / "target"  # package data, when the wheel ships it
+
+
+def demo_model() -> tuple[Path, str]:
+    """(checkpoint directory, one line saying what it is) of the model `olmo2-fast` runs without --model:
+    the trained demo model shipped with the package, else the random-weight checkpoint."""
+    if all((TRAINED_DEMO / name).is_file() for name in REQUIRED_FILES):
+        info = TRAINED_DEMO.parent / "README.md"
+        headline = info.read_text().splitlines()[0].lstrip("# ").strip() if info.is_file() else "the demo model"
+        return TRAINED_DEMO, f"{headline} ({TRAINED_DEMO}); pass --model PATH for a real OLMo 2"
+    path = demo_checkpoint()
+    return path, (f"the built-in demo checkpoint at {path} (tiny, RANDOM weights: the text is gibberish; pass "
+                  "--model PATH for a real OLMo 2)")
+
+
 def demo_checkpoint() -> Path:
-    """The built-in demo checkpoint, written once under $OLMO2_FAST_HOME (default ~/.cache/olmo2_fast)."""
+    """The random-weight demo checkpoint, written once under $OLMO2_FAST_HOME (default ~/.cache/olmo2_fast);
+    an incomplete one (an interrupted write, a deleted file) is written again."""
     home = Path(os.environ.get("OLMO2_FAST_HOME", Path.home() / ".cache" / "olmo2_fast"))
     target = home / f"demo-v{DEMO_VERSION}"
-    if (target / "generation_config.json").is_file():
+    if all((target / name).is_file() for name in REQUIRED_FILES):
         return target
-    home.mkdir(parents=True, exist_ok=True)
-    staging = Path(tempfile.mkdtemp(dir=home, prefix=".demo-"))
+    try:
+        home.mkdir(parents=True, exist_ok=True)
+        staging = Path(tempfile.mkdtemp(dir=home, prefix=".demo-"))
+    except OSError as e:
+        raise CheckpointError(f"cannot write the demo checkpoint under {home} ({e.strerror or e}): set "
+                              "OLMO2_FAST_HOME to a writable directory, or pass --model PATH") from None
     write_random_checkpoint(staging)
+    if target.exists():  # damaged: replace it
+        shutil.rmtree(target, ignore_errors=True)
     try:
         staging.rename(target)  # atomic: a reader never sees half a checkpoint
     except OSError:  # another process won the race

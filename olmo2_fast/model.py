@@ -24,12 +24,13 @@ import torch
 import torch.nn.functional as F
 
 from .cache import KVCache, StepBatch
-from .checkpoint import expected_shapes
-from .config import INT4_METHOD, Olmo2Config
+from . import quantization
+from .checkpoint import expected_shapes, fused_projections
+from .config import Olmo2Config
 from .errors import CheckpointError
-from .graphs import DecodeGraphs
+from .graphs import DecodeGraphs, bucket_for
 from .kernels.attention import SUPPORTED_HEAD_DIMS, attention_decode, attention_prefill
-from .kernels.int4_format import GROUP_SIZE, Int4Weight, int4_tensors, quantize_int4
+from .kernels.int4_format import Int4Weight
 from .kernels.int4_matmul import int4_matmul
 from .kernels.qk_norm_rope import qk_norm_rope
 from .kernels.rmsnorm import residual_rmsnorm, rmsnorm
@@ -55,39 +56,41 @@ class LayerWeights:
     post_feedforward_norm: torch.Tensor
 
 
+_FIELDS = {"self_attn.qkv_proj": "qkv", "self_attn.o_proj": "o", "mlp.gate_up_proj": "gate_up",
+           "mlp.down_proj": "down"}  # checkpoint.fused_projections name -> LayerWeights field
+
+
 class Olmo2Fast:
     """Kernel-backed engine with the reference's interface: `step(batch, cache)` and `__call__(input_ids)`."""
 
     def __init__(self, config: Olmo2Config, embed: torch.Tensor, layers: list[LayerWeights], norm: torch.Tensor,
-                 lm_head: Weight):
+                 lm_head: Weight, quantization=None):
         self.config, self.embed, self.layers, self.norm, self.lm_head = config, embed, layers, norm, lm_head
-        self.graphs: DecodeGraphs | None = None  # replays decode steps when set (api: on CUDA unless cuda_graphs=False)
+        self.quantization = quantization  # the olmo2_fast.quantization method of the projections, or None
+        self.graphs: DecodeGraphs | None = None  # replays decode steps when set (engine.build_engine: on CUDA)
 
     @classmethod
     def from_tensors(cls, config: Olmo2Config, tensors: Iterator[tuple[str, torch.Tensor]],
                      quantize: str | None = None) -> "Olmo2Fast":
         """Build from (HF name, tensor) pairs as checkpoint.iter_checkpoint yields them, fusing q/k/v and
         gate/up per layer as soon as a layer's pieces have arrived (so memory peaks at one extra layer)."""
-        if quantize not in (None, "int4"):
-            raise CheckpointError(f"unsupported quantize={quantize!r}: choose None or 'int4'")
+        method = quantization.method(quantize)
         if config.head_dim not in SUPPORTED_HEAD_DIMS:
             raise CheckpointError(f"the attention kernels support head_dim {SUPPORTED_HEAD_DIMS}, this model has "
                                   f"{config.head_dim}: use backend='torch'")
-        if quantize == "int4":
-            widths = {"hidden_size": config.hidden_size, "intermediate_size": config.intermediate_size,
-                      "q width (heads x head_dim)": config.q_width}
-            bad = {k: v for k, v in widths.items() if v % GROUP_SIZE}
-            if bad:
-                raise CheckpointError(f"int4 quantisation needs in_features divisible by {GROUP_SIZE}; this model has "
-                                      + ", ".join(f"{k}={v}" for k, v in bad.items()))
+        saved = quantization.checkpoint_method(config)  # saved quantised: projections already fused and packed
+        if method is not None:
+            if saved is not None:
+                raise CheckpointError(f"this checkpoint is already quantised ({config.quantization}): load it "
+                                      "without quantize=")
+            method.check_widths(config)
+        fused_names = fused_projections(config)
 
-        def maybe_quantize(w: torch.Tensor) -> Weight:
-            return quantize_int4(w) if quantize == "int4" else w
-
-        def fused(p: dict[str, torch.Tensor], name: str, parts: tuple[str, ...]) -> Weight:
-            if config.quantization:  # saved quantised: already fused and packed
-                return Int4Weight.from_tensors(p, prefix=f"{name}.")
-            return maybe_quantize(torch.cat([p.pop(f"{part}.weight") for part in parts]))
+        def fused(p: dict[str, torch.Tensor], name: str) -> Weight:
+            if saved is not None:
+                return saved.from_tensors(p, prefix=f"{name}.")
+            dense = torch.cat([p.pop(f"{part}.weight") for part, _ in fused_names[name]])
+            return dense if method is None else method.quantize(dense)
 
         per_layer = sum(1 for n in expected_shapes(config) if n.startswith("model.layers.0."))
         pending: dict[int, dict[str, torch.Tensor]] = {}
@@ -103,47 +106,43 @@ class Olmo2Fast:
             if len(parts) == per_layer:  # every tensor of this layer has arrived: fuse it now
                 p = pending.pop(int(index_text))
                 layers[int(index_text)] = LayerWeights(
-                    qkv=fused(p, "self_attn.qkv_proj", ("self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj")),
+                    **{field: fused(p, name) for name, field in _FIELDS.items()},
                     q_norm=p["self_attn.q_norm.weight"], k_norm=p["self_attn.k_norm.weight"],
-                    o=fused(p, "self_attn.o_proj", ("self_attn.o_proj",)),
-                    gate_up=fused(p, "mlp.gate_up_proj", ("mlp.gate_proj", "mlp.up_proj")),
-                    down=fused(p, "mlp.down_proj", ("mlp.down_proj",)),
                     post_attention_norm=p["post_attention_layernorm.weight"],
                     post_feedforward_norm=p["post_feedforward_layernorm.weight"],
                 )
         embed = top["model.embed_tokens.weight"]
         lm_head = embed if config.tie_word_embeddings else top["lm_head.weight"]
-        return cls(config, embed, layers, top["model.norm.weight"], lm_head)
-
-    @property
-    def quantized(self) -> bool:
-        return isinstance(self.layers[0].qkv, Int4Weight)
+        return cls(config, embed, layers, top["model.norm.weight"], lm_head, method or saved)
 
     def checkpoint_tensors(self) -> tuple[Olmo2Config, dict[str, torch.Tensor]]:
-        """(config, tensors by checkpoint name) to save: HF names when unquantised; the fused int4
-        layout (see checkpoint.expected_shapes) when quantised, so loading skips quantisation."""
-        cfg = self.config.with_(quantization=INT4_METHOD if self.quantized else None)
+        """(config, tensors by checkpoint name) to save: HF names when unquantised; the fused layout of the
+        quantisation method (see checkpoint.expected_shapes) when quantised, so loading skips quantisation."""
+        method = self.quantization
+        cfg = self.config.with_(quantization_config=tuple(method.config_entry().items()) if method else ())
         tensors = {"model.embed_tokens.weight": self.embed, "model.norm.weight": self.norm}
         if not cfg.tie_word_embeddings:
             tensors["lm_head.weight"] = self.lm_head
-        split = {"self_attn.qkv_proj": ("self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj"),
-                 "self_attn.o_proj": ("self_attn.o_proj",), "mlp.gate_up_proj": ("mlp.gate_proj", "mlp.up_proj"),
-                 "mlp.down_proj": ("mlp.down_proj",)}
-        widths = {"self_attn.q_proj": cfg.q_width, "self_attn.k_proj": cfg.kv_width, "self_attn.v_proj": cfg.kv_width,
-                  "mlp.gate_proj": cfg.intermediate_size, "mlp.up_proj": cfg.intermediate_size}
         for index, w in enumerate(self.layers):
             p = f"model.layers.{index}."
             tensors.update({p + "self_attn.q_norm.weight": w.q_norm, p + "self_attn.k_norm.weight": w.k_norm,
                             p + "post_attention_layernorm.weight": w.post_attention_norm,
                             p + "post_feedforward_layernorm.weight": w.post_feedforward_norm})
-            for name, weight in zip(split, (w.qkv, w.o, w.gate_up, w.down)):
-                if self.quantized:
-                    tensors.update(int4_tensors(weight, prefix=f"{p}{name}."))
+            for name, parts in fused_projections(cfg).items():
+                weight = getattr(w, _FIELDS[name])
+                if method is not None:
+                    tensors.update(method.to_tensors(weight, prefix=f"{p}{name}."))
                     continue
-                parts = split[name]
-                pieces = weight.split([widths[part] for part in parts]) if len(parts) > 1 else (weight,)
-                tensors.update({f"{p}{part}.weight": piece for part, piece in zip(parts, pieces)})
+                pieces = weight.split([width for _, width in parts])
+                tensors.update({f"{p}{part}.weight": piece for (part, _), piece in zip(parts, pieces)})
         return cfg, tensors
+
+    def cache_rows(self, batch: int) -> int:
+        return batch if self.graphs is None else bucket_for(batch)  # a graph bucket pads with spare rows
+
+    def release_cache(self):
+        if self.graphs is not None:
+            self.graphs.release()
 
     # ------------------------------------------------------------------ forward
 

@@ -1,5 +1,6 @@
 """Plain-PyTorch OLMo 2: the oracle every kernel and the fast model are tested against,
-and the CPU backend. Depends on nothing but torch.
+and the CPU backend. Plain PyTorch throughout: quantised projections (quantization.py)
+dequantise and matmul in PyTorch too, so nothing here imports triton.
 
 OLMo 2's quirks, as Hugging Face transformers computes them (after its May 2025 change):
   * no pre-norm: `h = x + post_attention_layernorm(attn(x))`, `out = h + post_feedforward_layernorm(mlp(h))`;
@@ -21,8 +22,11 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from . import quantization
 from .cache import KVCache, StepBatch
+from .checkpoint import fused_projections
 from .config import Olmo2Config
+from .errors import CheckpointError
 
 
 def compute_dtype(dtype: torch.dtype) -> torch.dtype:
@@ -122,6 +126,18 @@ class Linear(nn.Module):
         return F.linear(x, self.weight)
 
 
+class QuantizedLinear(nn.Module):
+    """A projection with a quantised weight (olmo2_fast.quantization): dequantise and matmul in plain
+    PyTorch, the numerics of the kernel's twin. Slow next to the kernels; any CPU runs it."""
+
+    def __init__(self, method, weight):
+        super().__init__()
+        self.method, self.quantized = method, weight
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.method.matmul_reference(x, self.quantized)
+
+
 class Embedding(nn.Module):
     def __init__(self, num_embeddings: int, dim: int):
         super().__init__()
@@ -188,6 +204,12 @@ class Olmo2Layer(nn.Module):
         return h + self.post_feedforward_layernorm(self.mlp(h))
 
 
+def _set_projection(layer: nn.Module, name: str, module: nn.Module):
+    """Replace a layer's projection, e.g. name "self_attn.q_proj"."""
+    parent, _, attr = name.rpartition(".")
+    setattr(layer.get_submodule(parent), attr, module)
+
+
 class Olmo2Reference(nn.Module):
     """OLMo 2 for causal LM, in plain PyTorch.
 
@@ -209,17 +231,64 @@ class Olmo2Reference(nn.Module):
                                                        config.rope_scaling_factor), persistent=False)
 
     @classmethod
-    def from_tensors(cls, config: Olmo2Config, tensors, device) -> "Olmo2Reference":
+    def from_tensors(cls, config: Olmo2Config, tensors, device, quantize: str | None = None) -> "Olmo2Reference":
         """Build on the meta device and take the (HF name, tensor) pairs as they are, so memory peaks
-        at the loaded model, not twice it."""
+        at the loaded model, not twice it. quantize="int4" quantises every projection after loading;
+        a checkpoint saved quantised brings its projections packed (fused, split here per projection)."""
+        method, saved = quantization.method(quantize), quantization.checkpoint_method(config)
+        if method is not None and saved is not None:
+            raise CheckpointError(f"this checkpoint is already quantised ({config.quantization}): load it without "
+                                  "quantize=")
+        if method is not None:
+            method.check_widths(config)
         with torch.device("meta"):
             model = cls(config)
         state = dict(tensors)
         if config.tie_word_embeddings:
             state.pop("lm_head.weight", None)
+        if saved is not None:
+            for index, layer in enumerate(model.model.layers):
+                for fused, parts in fused_projections(config).items():
+                    prefix = f"model.layers.{index}.{fused}."
+                    weight = saved.from_tensors({k: state.pop(k) for k in list(state) if k.startswith(prefix)}, prefix)
+                    start = 0
+                    for part, width in parts:
+                        _set_projection(layer, part, QuantizedLinear(saved, saved.columns(weight, start, start + width)))
+                        start += width
         model.load_state_dict(state, strict=True, assign=True)
+        if method is not None:
+            for layer in model.model.layers:
+                for parts in fused_projections(config).values():
+                    for part, _ in parts:
+                        weight = layer.get_submodule(part).weight
+                        _set_projection(layer, part, QuantizedLinear(method, method.quantize(weight.detach())))
         model.inv_freq = rope_inv_freq(config.head_dim, config.rope_theta, config.rope_scaling_factor).to(device)
         return model.eval()
+
+    @property
+    def quantization(self):
+        """The quantisation method of the projections, or None."""
+        q_proj = self.model.layers[0].self_attn.q_proj
+        return q_proj.method if isinstance(q_proj, QuantizedLinear) else None
+
+    def checkpoint_tensors(self) -> tuple[Olmo2Config, dict[str, torch.Tensor]]:
+        """(config, tensors by checkpoint name): the Hugging Face names, or, when quantised, the fused packed
+        layout of the quantisation method that both engines load."""
+        method = self.quantization
+        tensors = dict(self.state_dict())
+        if method is None:
+            return self.config.with_(quantization_config=()), tensors
+        for index, layer in enumerate(self.model.layers):
+            for fused, parts in fused_projections(self.config).items():
+                weight = method.stack([layer.get_submodule(part).quantized for part, _ in parts])
+                tensors.update(method.to_tensors(weight, prefix=f"model.layers.{index}.{fused}."))
+        return self.config.with_(quantization_config=tuple(method.config_entry().items())), tensors
+
+    def cache_rows(self, batch: int) -> int:
+        return batch
+
+    def release_cache(self):
+        pass  # nothing here holds a cache between steps
 
     def lm_head_weight(self) -> torch.Tensor:
         return self.model.embed_tokens.weight if self.config.tie_word_embeddings else self.lm_head.weight

@@ -3,9 +3,8 @@
 One `Scheduler` drives one engine over one KV cache. Each `step()` runs one engine step
 for every running sequence and turns the logits into one new token each:
   * a request that joins is prefilled in the same step as the others decode (one packed,
-    chunked-prefill launch sequence); when a cache row already holds a prefix of its
-    prompt (the previous turn of a chat, a shared system prompt), only the rest is
-    prefilled;
+    chunked-prefill launch sequence); a request that allows it (`reuse_prefix`, e.g. the
+    next turn of a chat) prefills only what no cache row already holds of its prompt;
   * running sequences occupy cache rows 0..n-1: when some finish, the last running ones
     move into their rows (`KVCache.move_row`), so the batch, and its CUDA-graph bucket,
     shrinks;
@@ -18,8 +17,9 @@ seed, position and token id, so a request's tokens do not depend on what it is b
 with). Non-finite logits are flagged on the device with the sampled ids (no extra sync)
 and end that request with an error.
 
-This module knows nothing of threads or HTTP: `OLMo2.generate` steps a scheduler until its
-requests are done; the server steps one from its worker thread.
+This module knows nothing of threads, tokenisation beyond what stopping needs, or HTTP:
+`OLMo2.generate` steps a scheduler until its requests are done; the server steps one from
+its worker thread.
 """
 from __future__ import annotations
 
@@ -39,12 +39,15 @@ FINISH_REASONS = ("eos", "stop", "length", "context", "cancelled", "error")
 @dataclass(frozen=True)
 class Request:
     """What to generate. prompt: token ids (>= 1); logprobs: None, or k >= 0 to record each new
-    token's log-probability under the model (temperature 1, no filters) and the k most likely."""
+    token's log-probability under the model (temperature 1, no filters) and the k most likely;
+    reuse_prefix: take whatever a cache row already holds of the prompt instead of prefilling it
+    (the cached keys were computed in another batch, so logits may differ in the last bits)."""
     prompt: tuple[int, ...]
     max_new_tokens: int
     params: SamplingParams = SamplingParams()
     stop: tuple[str, ...] = ()
     logprobs: int | None = None
+    reuse_prefix: bool = False
 
     def __post_init__(self):
         if not self.prompt:
@@ -111,20 +114,27 @@ class Sequence:
             return
         self.ids.append(token_id)
         self.text += self.decoder.push(token_id)
-        hits = [h for h in (self.text.find(s) for s in self.request.stop) if h >= 0]
-        if hits:
-            self.text = self.text[:min(hits)]
-            self._finish("stop")
-        elif len(self.ids) >= self.request.max_new_tokens:
+        if len(self.ids) >= self.request.max_new_tokens:
             self._finish("length")
         elif room <= 0:
             self._finish("context")
+        else:
+            self._cut_at_stop()
+
+    def _cut_at_stop(self) -> bool:
+        hits = [h for h in (self.text.find(s) for s in self.request.stop) if h >= 0]
+        if hits:
+            self.text = self.text[:min(hits)]
+            self.finish_reason, self.finished_at = "stop", time.perf_counter()
+        return bool(hits)
 
     def _finish(self, reason: str, error: str | None = None):
         if self.done:
             return
-        if reason not in ("stop", "error"):
-            self.text += self.decoder.flush()
+        if reason != "error":
+            self.text += self.decoder.flush()  # characters held back for more bytes are final now
+            if self._cut_at_stop():
+                return
         self.finish_reason, self.error = reason, error
         self.finished_at = time.perf_counter()
 
@@ -165,14 +175,16 @@ class _InFlight:
     sequences: list[Sequence]
     ids: torch.Tensor                  # (n,) int64, -1 where the logits were not finite
     logprobs: tuple | None             # (chosen (n,), top values (n, k), top ids (n, k)) or None
-    step_index: int
 
 
 class Scheduler:
     """Continuous batching of requests over one engine and one KV cache (see the module docstring)."""
 
-    def __init__(self, engine, tokenizer: Tokenizer, cache: KVCache):
+    def __init__(self, engine, tokenizer: Tokenizer, cache: KVCache, max_running: int | None = None):
+        """max_running: most sequences in one batch (default: every cache row; a server caps it below the
+        rows that CUDA-graph buckets round the cache up to)."""
         self.engine, self.tokenizer, self.cache = engine, tokenizer, cache
+        self.max_running = min(max_running or cache.max_batch, cache.max_batch)
         device = cache.k.device
         self.device = device
         self.running: list[Sequence] = []      # running[r] occupies cache row r
@@ -186,7 +198,6 @@ class Scheduler:
         self.seen: torch.Tensor | None = None  # (max_batch, vocab) bool, when a request penalises repetition
         self.host = _HostIds(cache.max_batch, device)
         self.in_flight: _InFlight | None = None
-        self.steps = 0
 
     # ------------------------------------------------------------------ requests
 
@@ -196,8 +207,8 @@ class Scheduler:
             raise GenerationError(f"prompt of {len(request.prompt)} tokens does not fit the KV cache of "
                                   f"{self.cache.max_seq} positions")
         vocab = self.engine.config.vocab_size
-        bad = [t for t in request.prompt if isinstance(t, bool) or not isinstance(t, int) or not 0 <= t < vocab]
-        if bad:
+        if not 0 <= min(request.prompt) <= max(request.prompt) < vocab:  # C loops: cheap for long prompts
+            bad = [t for t in request.prompt if not 0 <= t < vocab]
             raise GenerationError(f"prompt token ids must lie in [0, {vocab}), got {bad[:5]}")
         seed = request.params.seed
         if seed is None:
@@ -231,9 +242,9 @@ class Scheduler:
             if sequence.first_token_at is None:
                 sequence.first_token_at = time.perf_counter()
             if token < 0:
-                sequence._finish("error", f"the model produced non-finite logits at step {read.step_index} "
-                                          f"(new token {len(sequence.ids) + 1}): float16 overflows on OLMo 2; "
-                                          "load the model with dtype='bfloat16'")
+                sequence._finish("error", f"the model produced non-finite logits at step {len(sequence.ids) + 1} "
+                                          "of this generation: float16 overflows on OLMo 2; load the model with "
+                                          "dtype='bfloat16'")
             else:
                 if logprobs is not None and sequence.request.logprobs is not None:
                     chosen, top_values, top_ids = logprobs
@@ -244,10 +255,11 @@ class Scheduler:
                 room = max_seq - (sequence.prompt_len + len(sequence.ids))
                 sequence._add(token, self.tokenizer.eos_ids, room)
             changed.append(sequence)
-        for sequence in self.running:
+        for sequence in self.running + self.waiting:
             if sequence.cancel_requested and not sequence.done:
                 sequence._finish("cancelled")
                 changed.append(sequence)
+        self.waiting = [s for s in self.waiting if not s.done]
         self._compact()
         if self.in_flight is None and (self.running or self.waiting):
             self._queue_step()
@@ -265,7 +277,7 @@ class Scheduler:
         """Admit waiting requests, then queue one step: decode-only (from device ids) when nobody joins,
         else a mixed step with the newcomers' prefill chunks."""
         joining = []
-        while self.waiting and len(self.running) + len(joining) < self.cache.max_batch:
+        while self.waiting and len(self.running) + len(joining) < self.max_running:
             sequence = self.waiting.pop(0)
             if sequence.cancel_requested:
                 sequence._finish("cancelled")
@@ -282,7 +294,7 @@ class Scheduler:
         for sequence in joining:
             row = len(self.running)
             prompt = list(sequence.request.prompt)
-            sequence.reused = self._reuse_prefix(row, prompt)
+            sequence.reused = self._reuse_prefix(row, prompt) if sequence.request.reuse_prefix else 0
             self.running.append(sequence)
             self.lengths.append(sequence.reused)
             self.row_tokens[row] = []  # known again when the sequence leaves (_compact)
@@ -305,9 +317,8 @@ class Scheduler:
         with torch.inference_mode():
             logits = self.engine.step(batch, self.cache)
             ids, logprobs = self._sample(logits, batch.kv_lens)
-        self.steps += 1
         self.next_ids, self.positions = ids.clamp(min=0), batch.kv_lens
-        self.in_flight = _InFlight(list(self.running), ids, logprobs, self.steps)
+        self.in_flight = _InFlight(list(self.running), ids, logprobs)
 
     def _sample(self, logits: torch.Tensor, positions: torch.Tensor):
         """(n, V) logits -> ids (n,), -1 for rows with non-finite logits; logprobs when a row asked.
@@ -316,7 +327,8 @@ class Scheduler:
         position p of a request is a function of its seed and p alone."""
         vocab = self.tokenizer.vocab_size
         n = logits.shape[0]
-        logits = logits[:, :vocab].float()
+        full = logits.float()
+        logits = full[:, :vocab]
         sequences = self.running
         ids = torch.empty(n, dtype=torch.int64, device=logits.device)
         groups: dict[tuple, tuple[SamplingParams, list[int]]] = {}
@@ -341,8 +353,8 @@ class Scheduler:
         logprobs = None
         wanted = [s.request.logprobs for s in sequences if s.request.logprobs is not None]
         if wanted:
-            log_probs = torch.log_softmax(logits, -1)
-            top = torch.topk(log_probs, max(max(wanted), 1), dim=-1)
+            log_probs = torch.log_softmax(full, -1)  # the model's distribution, as prompt scoring computes it
+            top = torch.topk(log_probs[:, :vocab], max(max(wanted), 1), dim=-1)
             logprobs = (log_probs.gather(1, ids.clamp(min=0)[:, None])[:, 0], top.values, top.indices)
         return ids, logprobs
 
@@ -421,7 +433,7 @@ class Scheduler:
                 order[dst] = src
             index = torch.tensor(order, dtype=torch.long, device=self.device)
             logprobs = tuple(t[index] for t in logprobs)
-        self.in_flight = _InFlight(list(self.running), ids[:n], logprobs, flight.step_index)
+        self.in_flight = _InFlight(list(self.running), ids[:n], logprobs)
 
 
 def _cached_tokens(sequence: Sequence, length: int) -> list[int]:

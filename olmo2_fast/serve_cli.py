@@ -10,7 +10,7 @@ import ipaddress
 import os
 import sys
 
-from .cli import _add_model_args, _load
+from .cli import add_model_args, load_model
 from .errors import Olmo2Error
 
 API_KEY_ENV = "OLMO2_FAST_API_KEY"  # the key without putting it on the command line (visible in ps)
@@ -44,7 +44,7 @@ def add_serve_parser(commands):
         "serve", help="an OpenAI-compatible HTTP server (/v1/completions, /v1/chat/completions)",
         description="Serve the model over OpenAI's HTTP API for one machine and a few users; requests that "
                     "arrive together share one decode batch. Needs the serve extra: pip install -e '.[serve]'.")
-    _add_model_args(serve)
+    add_model_args(serve)
     serve.add_argument("--host", default="127.0.0.1",
                        help="address to bind (default 127.0.0.1, this machine only; another address without "
                             "--api-key is warned about)")
@@ -91,7 +91,7 @@ def cmd_serve(args) -> int:
     warning = exposure_warning(args.host, args.api_key)
     if warning:
         print(f"[olmo2-fast] {warning}", file=sys.stderr)
-    model = _load(args)
+    model = load_model(args)
     name = args.served_model_name or args.model or "olmo2-fast-demo"
     app = create_app(model, model_name=name, api_key=args.api_key, max_batch_size=args.max_batch_size,
                      max_queue=args.max_queue)

@@ -109,8 +109,8 @@ def test_generation_stops_at_the_end_of_the_context(model):
     (lambda m: m.generate([1, 99999]), r"must lie in \[0, 448\)"),
     (lambda m: m(torch.tensor([[1, -1]])), r"must lie in \[0, 448\)"),
     (lambda m: m(torch.zeros(2, 2, 2, dtype=torch.long)), "shape \\(batch, seq\\)"),
-    (lambda m: m.generate(3.5), "must be a str or a non-empty list"),
-    (lambda m: m.generate([]), "must be a str or a non-empty list"),
+    (lambda m: m.generate(3.5), "must be a str, or token ids as a non-empty list"),
+    (lambda m: m.generate([]), "must be a str, or token ids as a non-empty list"),
     (lambda m: m.generate(["a", [1, 2]]), "all strings or all token id lists"),
     (lambda m: m.generate("hi", temperature=-0.5), "temperature must be a finite number >= 0"),
     (lambda m: m.generate("hi", stop=[""]), "stop must be a non-empty string"),
@@ -163,3 +163,161 @@ def test_chat_applies_the_template(model):
     reply = model.chat(messages, max_new_tokens=6)
     assert reply == model.generate(model.tokenizer.apply_chat_template(messages), max_new_tokens=6)
     assert "".join(model.stream_chat(messages, max_new_tokens=6)) == reply
+
+
+# ---------------------------------------------------------------- one model, many callers
+
+
+def test_threads_sharing_a_model_get_their_sequential_results(model):
+    import threading
+    expected = [model.generate(p, max_new_tokens=12) for p in PROMPTS] + [
+        model.generate(PROMPTS[0], max_new_tokens=12, temperature=0.9, seed=4)]
+    calls = [dict(prompt=p, max_new_tokens=12) for p in PROMPTS] + [
+        dict(prompt=PROMPTS[0], max_new_tokens=12, temperature=0.9, seed=4)]
+    results, errors = [None] * len(calls), []
+
+    def worker(i):
+        try:
+            for _ in range(2):
+                results[i] = model.generate(**calls[i]) if i % 2 else "".join(model.stream(**calls[i]))
+        except Exception as e:  # surfaced below
+            errors.append(e)
+    threads = [threading.Thread(target=worker, args=(i,)) for i in range(len(calls))]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join(timeout=300)
+    assert not errors and results == expected
+
+
+def test_nested_or_interleaved_use_in_one_thread_is_refused_not_mixed(model):
+    first = model.stream(PROMPTS[0], max_new_tokens=20)
+    next(first)
+    with pytest.raises(GenerationError, match="already generating in this thread"):
+        model.generate(PROMPTS[1], max_new_tokens=3)
+    with pytest.raises(GenerationError, match="already generating in this thread"):
+        next(model.stream(PROMPTS[1], max_new_tokens=3))
+    rest = "".join(first)  # the open stream is unharmed
+    assert rest and first.result.finish_reason in ("length", "eos")
+
+
+def test_a_broken_off_stream_does_not_change_the_next_result(model):
+    expected = model.generate(PROMPTS[1], max_new_tokens=10)
+    stream = model.stream(PROMPTS[0], max_new_tokens=30)
+    next(stream)
+    stream.close()
+    assert model.generate(PROMPTS[1], max_new_tokens=10) == expected
+    for _ in model.stream(PROMPTS[2], max_new_tokens=5):
+        break  # dropped without close(): the generator is finalised when its reference goes
+    assert model.generate(PROMPTS[1], max_new_tokens=10) == expected
+
+
+def test_every_generation_says_why_it_stopped(model):
+    details = model.generate(PROMPTS[0], max_new_tokens=12, return_details=True)
+    assert details.finish_reason == "length" and len(details.token_ids) == 12 and details.text
+    assert details.prompt_tokens == len(model.tokenizer.encode(PROMPTS[0])) and details.cached_prompt_tokens == 0
+    assert 0 < details.time_to_first_token <= details.total_time and details.decode_tokens_per_s > 0
+    stop = details.text[3:6]
+    assert model.generate(PROMPTS[0], max_new_tokens=12, stop=stop, return_details=True).finish_reason == "stop"
+    eos = model.tokenizer.eos_ids
+    model.tokenizer.eos_ids = (details.token_ids[0],)
+    try:
+        assert model.generate(PROMPTS[0], max_new_tokens=12, return_details=True).finish_reason == "eos"
+        model.tokenizer.eos_ids = ()
+        n = model.config.max_position_embeddings
+        ended = model.generate([5] * (n - 3), max_new_tokens=50, return_details=True)
+        assert ended.finish_reason == "context" and len(ended.token_ids) == 4
+    finally:
+        model.tokenizer.eos_ids = eos
+    stream = model.stream(PROMPTS[1], max_new_tokens=6)
+    text = "".join(stream)
+    assert stream.result.text == text and stream.result.finish_reason in ("length", "eos")
+    batch = model.generate(PROMPTS[:2], max_new_tokens=5, return_details=True)
+    assert [b.text for b in batch] == model.generate(PROMPTS[:2], max_new_tokens=5)
+
+
+def test_non_finite_logits_raise_naming_the_step(model, monkeypatch):
+    step = model.engine.step
+    calls = []
+
+    def overflowing(batch, cache):
+        logits = step(batch, cache)
+        calls.append(1)
+        if len(calls) == 3:
+            logits[:, 7] = float("nan")
+        return logits
+    monkeypatch.setattr(model.engine, "step", overflowing)
+    with pytest.raises(GenerationError, match="non-finite logits at step 3 .*dtype='bfloat16'"):
+        model.generate(PROMPTS[0], max_new_tokens=8)
+    monkeypatch.undo()
+    assert model.generate(PROMPTS[0], max_new_tokens=3)  # the model is usable afterwards
+
+
+def test_prompts_as_tensors_and_arrays(model):
+    import numpy as np
+    ids = model.tokenizer.encode(PROMPTS[0])
+    expected = model.generate(ids, max_new_tokens=5)
+    assert model.generate(torch.tensor(ids), max_new_tokens=5) == expected
+    assert model.generate(np.array(ids, dtype=np.int32), max_new_tokens=5) == expected
+    assert model.generate([torch.tensor(ids), np.array(ids)], max_new_tokens=5) == [expected, expected]
+    torch.testing.assert_close(model(np.array([ids])), model([ids]))
+
+
+@pytest.mark.parametrize("call, message", [
+    (lambda m: m([[1, 2, 3], [4, 5]]), "rectangular"),
+    (lambda m: m(["a prompt"]), "integer token ids, got <U8"),
+    (lambda m: m("a prompt"), "integer token ids .*got str"),
+    (lambda m: m([[1.5, 2.0]]), "integer token ids, got float64"),
+    (lambda m: m.generate("hi", seed="7"), r"seed must be an integer .* got '7' \(str\)"),
+    (lambda m: m.generate("hi", seed=1.5), "seed must be an integer"),
+    (lambda m: m.generate("hi", seed=2**64), "seed must be an integer"),
+    (lambda m: m.generate("hi", top_k=True), "top_k must be a positive integer"),
+    (lambda m: m.generate("hi", temperature="0.5"), r"got '0.5' \(str\)"),
+    (lambda m: m.generate("hi", temperature=float("inf")), "temperature must be a finite number"),
+    (lambda m: m.generate("hi", repetition_penalty=float("inf")), "repetition_penalty must be a finite number"),
+    (lambda m: m.generate("hi", stop=5), "stop must be a non-empty string"),
+    (lambda m: m.generate("caf\udce9"), "lone surrogate"),
+    (lambda m: m.generate(torch.tensor([1.0, 2.0])), "must be a str, or token ids"),
+])
+def test_more_bad_requests_are_one_clear_error(model, call, message):
+    with pytest.raises(GenerationError, match=message):
+        call(model)
+
+
+# ---------------------------------------------------------------- chat sessions
+
+
+def test_a_chat_session_prefills_only_the_new_turn(model, tmp_path):
+    session = model.chat_session(system="Be brief.", max_new_tokens=8)
+    prefilled = []
+    for turn in ["Hello there", "What is a cache?", "Tell me more", "And then?"]:
+        reply = "".join(session.send(turn))
+        result = session.last_result
+        assert result.text == reply and session.messages[-1] == {"role": "assistant", "content": reply}
+        prefilled.append(result.prompt_tokens - result.cached_prompt_tokens)
+    turn_tokens = len(model.tokenizer.encode("\n<|user|>\nWhat is a cache?\n<|assistant|>\n"))
+    assert all(p <= turn_tokens + 2 for p in prefilled[1:]), prefilled  # not the whole history
+    assert len(session.messages) == 9
+
+
+def test_a_chat_longer_than_the_context_drops_the_oldest_turns(tmp_path, caplog):
+    short = OLMo2.from_pretrained(make_checkpoint(tmp_path, max_position_embeddings=64), device="cpu")
+    session = short.chat_session(system="Sys", max_new_tokens=8)
+    with caplog.at_level("WARNING", logger="olmo2_fast"):
+        for turn in ["one two three four five six", "seven eight nine ten", "eleven twelve thirteen",
+                     "fourteen fifteen sixteen", "seventeen"]:
+            "".join(session.send(turn))
+    assert "dropped the oldest" in caplog.text
+    assert session.messages[0] == {"role": "system", "content": "Sys"}
+    assert session.messages[-2]["content"] == "seventeen"
+    with pytest.raises(GenerationError, match="longer than the model's context"):
+        "".join(session.send("word " * 100))
+
+
+def test_a_checkpoint_without_a_chat_template_is_refused_at_once(tmp_path):
+    import json
+    from olmo2_fast.errors import TokenizerError
+    path = make_checkpoint(tmp_path)
+    (path / "tokenizer_config.json").write_text(json.dumps({"eos_token": "<|endoftext|>"}))
+    with pytest.raises(TokenizerError, match="no chat template"):
+        OLMo2.from_pretrained(path, device="cpu").chat_session()

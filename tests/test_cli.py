@@ -2,6 +2,8 @@ import os
 import subprocess
 import sys
 
+import pytest
+
 from checkpoints import make_checkpoint
 from olmo2_fast.cli import main
 
@@ -13,11 +15,28 @@ def test_generate_streams_the_completion(tmp_path, capsys):
     assert out.endswith("\n") and "2 layers" in err
 
 
-def test_without_a_model_it_builds_and_runs_the_demo_checkpoint(tmp_path, capsys, monkeypatch):
+def test_without_the_trained_demo_it_builds_and_runs_a_random_checkpoint(tmp_path, capsys, monkeypatch):
+    import olmo2_fast.demo as demo
+    monkeypatch.setattr(demo, "TRAINED_DEMO", tmp_path / "not-shipped")
     monkeypatch.setenv("OLMO2_FAST_HOME", str(tmp_path))
     assert main(["generate", "hello", "--max-new-tokens", "4", "--temperature", "0.7", "--seed", "1"]) == 0
     assert "RANDOM weights" in capsys.readouterr().err
-    assert (tmp_path / "demo-v1" / "model.safetensors").is_file()
+    target = tmp_path / f"demo-v{demo.DEMO_VERSION}"
+    assert (target / "model.safetensors").is_file()
+    (target / "model.safetensors").unlink()  # a damaged cache is rebuilt, not reported as "no weights"
+    assert main(["generate", "hello", "--max-new-tokens", "2", "--int4"]) == 0  # widths of 128: int4 applies
+    assert (target / "model.safetensors").is_file()
+    read_only = tmp_path / "ro"
+    read_only.mkdir()
+    read_only.chmod(0o500)
+    monkeypatch.setenv("OLMO2_FAST_HOME", str(read_only / "home"))
+    try:
+        if os.access(read_only, os.W_OK):  # root ignores permissions
+            pytest.skip("running as a user that can write anywhere: a read-only home cannot be made")
+        assert main(["generate", "hello"]) == 2
+        assert "set OLMO2_FAST_HOME to a writable directory" in capsys.readouterr().err
+    finally:
+        read_only.chmod(0o700)
 
 
 def test_errors_are_one_line_with_exit_code_2(tmp_path, capsys):
@@ -78,3 +97,37 @@ def test_a_closed_pipe_ends_generation_quietly(tmp_path):
     proc.stdout.close()
     err = proc.stderr.read().decode()
     assert proc.wait(timeout=120) == 0 and "Traceback" not in err, err
+
+
+def test_generate_prints_a_summary_line_unless_quiet(tmp_path, capsys):
+    path = make_checkpoint(tmp_path)
+    assert main(["generate", "--model", str(path), "The capital", "--max-new-tokens", "5"]) == 0
+    err = capsys.readouterr().err.splitlines()[-1]
+    assert err.startswith("[olmo2-fast] ") and " new tokens in " in err and "first token after" in err
+    assert "stopped: " in err
+    assert main(["generate", "--model", str(path), "The capital", "--max-new-tokens", "5", "--quiet"]) == 0
+    assert "new tokens in" not in capsys.readouterr().err
+
+
+def test_undecodable_argv_and_stdin_are_one_line_errors(tmp_path):
+    path = make_checkpoint(tmp_path)
+    env = {**os.environ, "OLMO2_FAST_HOME": str(tmp_path), "PYTHONIOENCODING": "utf-8"}
+    argv = [sys.executable.encode(), b"-m", b"olmo2_fast", b"generate", b"--model", str(path).encode(), b"caf\xe9"]
+    proc = subprocess.run(argv, capture_output=True, env=env, timeout=120)
+    err = proc.stderr.decode(errors="replace")
+    assert proc.returncode == 2 and "lone surrogate" in err and "Traceback" not in err, err
+    chat = subprocess.run([sys.executable, "-m", "olmo2_fast", "chat", "--model", str(path), "--max-new-tokens", "3"],
+                          input=b"caf\xe9\nHello\n", capture_output=True, env=env, timeout=120)
+    err = chat.stderr.decode(errors="replace")
+    assert chat.returncode == 0 and "lone surrogate" in err and "Traceback" not in err, err
+    assert chat.stdout.count(b"\n") == 2  # the bad line got its error, the good one its reply
+
+
+def test_chat_refuses_a_model_without_a_template_before_the_first_prompt(tmp_path, capsys, monkeypatch):
+    import io
+    import json
+    path = make_checkpoint(tmp_path)
+    (path / "tokenizer_config.json").write_text(json.dumps({"eos_token": "<|endoftext|>"}))
+    monkeypatch.setattr(sys, "stdin", io.StringIO("never read\n"))
+    assert main(["chat", "--model", str(path)]) == 2
+    assert "no chat template" in capsys.readouterr().err

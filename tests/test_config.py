@@ -99,15 +99,18 @@ def test_presets_match_the_published_models():
 
 
 def test_quantization_configs_other_than_ours_are_refused(tmp_path):
-    gptq = hf4_dict(quantization_config={"quant_method": "gptq", "bits": 4, "group_size": 128})
-    with pytest.raises(ConfigError, match="quantization_config .* is not supported"):
-        Olmo2Config.from_json_file(write(tmp_path, gptq))
-    ours = hf4_dict(quantization_config={"quant_method": "olmo2_fast_int4", "bits": 4, "group_size": 128})
-    cfg = Olmo2Config.from_json_file(write(tmp_path, ours))
-    assert cfg.quantization == "olmo2_fast_int4" and cfg.to_hf_dict()["quantization_config"]["group_size"] == 128
-
-
-def test_token_id_fields_accept_ints_lists_and_null(tmp_path):
-    cfg = Olmo2Config.from_json_file(write(tmp_path, hf4_dict(eos_token_id=[0, 5], bos_token_id=None, pad_token_id=1)))
-    assert (cfg.eos_token_id, cfg.bos_token_id, cfg.pad_token_id) == ((0, 5), None, 1)
-    assert Olmo2Config.from_dict(hf4_dict(eos_token_id=None)).eos_token_id == ()
+    from olmo2_fast.quantization import checkpoint_method
+    gptq = Olmo2Config.from_json_file(write(tmp_path, hf4_dict(
+        quantization_config={"quant_method": "gptq", "bits": 4, "group_size": 128})))
+    with pytest.raises(ConfigError, match="quant_method 'gptq' is not supported"):
+        checkpoint_method(gptq)
+    ours = Olmo2Config.from_json_file(write(tmp_path, hf4_dict(
+        quantization_config={"quant_method": "olmo2_fast_int4", "bits": 4, "group_size": 128})))
+    assert ours.quantization == "olmo2_fast_int4" and checkpoint_method(ours).name == "int4"  # no layout: the first
+    assert ours.to_hf_dict()["quantization_config"]["group_size"] == 128
+    other_layout = Olmo2Config.from_json_file(write(tmp_path, hf4_dict(
+        quantization_config={"quant_method": "olmo2_fast_int4", "group_size": 128, "layout": "future"})))
+    with pytest.raises(ConfigError, match="packed as 'future' .* quantise the original checkpoint again"):
+        checkpoint_method(other_layout)
+    with pytest.raises(ConfigError, match="quantization_config must be an object with a string quant_method"):
+        Olmo2Config.from_json_file(write(tmp_path, hf4_dict(quantization_config={"bits": 4})))

@@ -122,13 +122,12 @@ def test_backend_errors(tmp_path):
     path = make_checkpoint(tmp_path)  # hidden 48: head_dim 12, not a kernel size; widths not multiples of 128
     with pytest.raises(CheckpointError, match="head_dim"):
         OLMo2.from_pretrained(path, device=DEVICE, backend="triton")
-    with pytest.raises(CheckpointError, match="use backend='triton'"):
-        OLMo2.from_pretrained(path, device=DEVICE, backend="torch", quantize="int4")
     with pytest.raises(CheckpointError, match="unsupported quantize='int8'"):
         OLMo2.from_pretrained(path, device=DEVICE, quantize="int8")
     path = make_checkpoint(tmp_path / "b", hidden_size=64, num_attention_heads=4)
-    with pytest.raises(CheckpointError, match="divisible by 128"):
-        OLMo2.from_pretrained(path, device=DEVICE, backend="triton", quantize="int4")
+    for backend in ("triton", "torch"):
+        with pytest.raises(CheckpointError, match="divisible by 128; this model has hidden_size=64"):
+            OLMo2.from_pretrained(path, device=DEVICE, backend=backend, quantize="int4")
 
 
 @pytest.mark.cuda
@@ -145,15 +144,17 @@ def test_an_int4_model_saves_and_reloads_without_requantising(tmp_path, monkeypa
     quantized = OLMo2.from_pretrained(source, device=DEVICE, backend="triton", quantize="int4")
     saved = quantized.save_pretrained(tmp_path / "int4", num_shards=2)
     assert (saved / "tokenizer.json").is_file()
-    import olmo2_fast.model as model_module
+    from olmo2_fast.quantization import Int4GroupWise
 
     def no_quantize(*args, **kwargs):
         raise AssertionError("a saved int4 checkpoint must load without quantising")
-    monkeypatch.setattr(model_module, "quantize_int4", no_quantize)
-    reloaded = OLMo2.from_pretrained(saved, device=DEVICE)  # backend "auto" picks the kernels for int4 weights
+    monkeypatch.setattr(Int4GroupWise, "quantize", no_quantize)
+    reloaded = OLMo2.from_pretrained(saved, device=DEVICE, backend="triton")
     ids = torch.randint(0, 400, (1, 7), device=DEVICE)
     torch.testing.assert_close(reloaded(ids), quantized(ids), rtol=0, atol=0)
     assert reloaded.config.quantization == "olmo2_fast_int4"
+    on_torch = OLMo2.from_pretrained(saved, device=DEVICE, backend="torch")  # the same packed weights, dequantised
+    torch.testing.assert_close(on_torch(ids), quantized(ids), rtol=1e-4, atol=1e-4)
 
 
 @pytest.mark.parametrize("backend", ["torch", "triton"])

@@ -94,11 +94,12 @@ def test_a_prompt_that_shares_a_cached_prefix_prefills_only_the_rest(model):
     sched = scheduler(model, batch=2)
     first = run(sched, [request(model, PROMPTS[2], 6)])[0]
     follow_up = tuple(list(first.request.prompt) + first.sampled + model.tokenizer.encode(" and more"))
-    again = run(sched, [Request(follow_up, 6)])[0]
+    again = run(sched, [Request(follow_up, 6, reuse_prefix=True)])[0]
     # Everything the first request left in the cache: its prompt and its new tokens but perhaps the last
     # (fed only when the step after it had already been queued).
     assert again.reused >= len(first.request.prompt) + len(first.sampled) - 1
     assert again.ids == solo(model, Request(follow_up, 6)).ids
+    assert run(sched, [Request(follow_up, 6)])[0].reused == 0  # only when the request allows it
 
 
 def test_cancel_frees_the_row_and_others_continue(model):
@@ -117,12 +118,12 @@ def test_logprobs_are_the_models_distribution(model):
     r = request(model, PROMPTS[1], 5, params=SamplingParams(temperature=0.7, seed=3), logprobs=3)
     s = solo(model, r)
     ids = list(r.prompt) + s.ids
-    full = torch.log_softmax(model(ids)[0, :, :model.tokenizer.vocab_size].float(), -1)
+    full = torch.log_softmax(model(ids)[0].float(), -1)  # over every logit, as prompt scoring normalises
     for i, lp in enumerate(s.logprobs):
         position = len(r.prompt) - 1 + i
         assert lp.token_id == s.ids[i]
         assert lp.logprob == pytest.approx(full[position, lp.token_id].item(), abs=1e-4)
-        assert [t for t, _ in lp.top] == full[position].topk(3).indices.tolist()
+        assert [t for t, _ in lp.top] == full[position, :model.tokenizer.vocab_size].topk(3).indices.tolist()
 
 
 def test_non_finite_logits_end_the_request_with_an_error(model, monkeypatch):
@@ -135,7 +136,7 @@ def test_non_finite_logits_end_the_request_with_an_error(model, monkeypatch):
         return logits
     monkeypatch.setattr(model.engine, "step", overflow)
     s = run(sched, [request(model, PROMPTS[0], 5)])[0]
-    assert s.finish_reason == "error" and "non-finite logits at step 1" in s.error and "bfloat16" in s.error
+    assert s.finish_reason == "error" and "non-finite logits at step 1 " in s.error and "bfloat16" in s.error
 
 
 @pytest.mark.parametrize("kwargs, message", [
@@ -155,3 +156,15 @@ def test_prompts_that_do_not_fit_are_refused(model):
         sched.add(Request((1,) * 17, 2))
     with pytest.raises(GenerationError, match=r"must lie in \[0, 448\)"):
         sched.add(Request((1, 448), 2))
+
+
+def test_max_running_caps_the_batch_and_cancelled_waiting_requests_end_at_once(model):
+    sched = Scheduler(model.engine, model.tokenizer, KVCache(model.config, 4, 64, torch.float32, "cpu"), max_running=2)
+    a, b, c = (sched.add(request(model, p, 6)) for p in PROMPTS[:3])
+    sched.step()
+    assert len(sched.running) == 2 and sched.waiting == [c]
+    c.cancel()
+    assert c in sched.step() and c.finish_reason == "cancelled" and not sched.waiting
+    while not sched.idle:
+        sched.step()
+    assert a.finish_reason == b.finish_reason == "length"

@@ -194,8 +194,8 @@ def test_logprobs_of_generated_tokens_equal_a_full_forward(served, model):
     generated = greedy(model, prompt, 8)
     assert len(lp.tokens) == len(lp.token_logprobs) == len(lp.top_logprobs) == r.usage.completion_tokens == 8
     assert lp.tokens == [model.tokenizer.decode([t]) for t in generated]
-    # the scheduler's logprobs: float32 log-softmax over the tokenizer's vocabulary
-    logits = model(prompt + generated)[0, len(prompt) - 1:-1, :model.tokenizer.vocab_size].float()
+    # the scheduler's logprobs: float32 log-softmax over every logit, as prompt scoring normalises
+    logits = model(prompt + generated)[0, len(prompt) - 1:-1].float()
     want = logits.log_softmax(-1).gather(1, torch.tensor(generated)[:, None])[:, 0]
     torch.testing.assert_close(torch.tensor(lp.token_logprobs), want, atol=1e-4, rtol=1e-4)
     for value, top in zip(lp.token_logprobs, lp.top_logprobs):
