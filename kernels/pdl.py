@@ -11,6 +11,13 @@
 # Both are inline PTX, which Triton's interpreter cannot run: kernels take a `USE_PDL: tl.constexpr`
 # that the launcher sets from `pdl_enabled(device)`, off under the interpreter and below sm_90, so a
 # pure-Triton path always exists. griddepcontrol is a no-op when the launch did not ask for PDL.
+# Launchers pass `launch_pdl=` with the other launch options through
+# `torch.library.wrap_triton(kernel)[grid](...)`: eagerly (what a CUDA-graph capture records) it
+# calls `kernel[grid](*args, **kwargs)` unchanged, and in a traced graph the option rides along
+# as a constant argument to the same call (torch/_higher_order_ops/triton_kernel_wrap.py); Triton
+# makes it the CU_LAUNCH_ATTRIBUTE_PROGRAMMATIC_STREAM_SERIALIZATION launch attribute.
+# Transitivity: a kernel's wait covers its predecessor's completion only, so *every* program of
+# every kernel in a PDL chain must reach wait_for_producer before it exits.
 import functools
 import os
 
