@@ -132,7 +132,7 @@ def test_hub_ids_without_huggingface_hub_say_so(monkeypatch, tmp_path):
 
 
 def test_hub_ids_offline_say_so(monkeypatch):
-    hub = pytest.importorskip("huggingface_hub")
+    hub = pytest.importorskip("huggingface_hub", reason="huggingface_hub is not installed (the hub extra)")
 
     def offline(*args, **kwargs):
         raise OSError("network is unreachable")

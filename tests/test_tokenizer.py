@@ -97,7 +97,7 @@ def test_chat_template_errors(tokenizer, tmp_path):
 
 
 def test_chat_template_matches_transformers(tokenizer, tmp_path):
-    transformers = pytest.importorskip("transformers")
+    transformers = pytest.importorskip("transformers", reason="needs transformers: pip install -e '.[parity]'")
     path = make_checkpoint(tmp_path)
     hf = transformers.AutoTokenizer.from_pretrained(str(path))
     messages = [{"role": "user", "content": "Hi"}, {"role": "assistant", "content": "Yo"},
