@@ -48,9 +48,11 @@
 # norm weights [Hq*D], [Hkv*D]; kv_lens [B] int32; caches [max_batch, Hkv, max_seq, D] with
 # a contiguous last dim, sequence b in cache row b; out [B, Hq*D] contiguous (o_proj's input).
 # Limits: D a power of two in 16..256; float32/float16/bfloat16 (float32 dots in IEEE
-# precision). The caller promises 1 <= kv_lens[b] <= max_seq (checking needs a host sync);
-# outside that the output is unspecified, but kv_len is clamped to max_seq and a position
-# < 0 writes nothing, so no value of kv_lens reads or writes outside sequence b's cache row.
+# precision; not at D = 256, see fused_attention_decode_supports). The caller promises kv_lens[b] <= max_seq (checking needs a host sync): a
+# larger value is clamped to max_seq, so no value reads or writes outside row b of the cache.
+# kv_lens[b] = 0 marks a padding row (a CUDA-graph bucket's unused rows): its cache row is
+# neither read nor written, and its output is its own new token's v (a softmax over that one
+# key), whatever sits in the cache.
 from typing import NamedTuple, Sequence
 
 import torch
@@ -72,8 +74,9 @@ _NEW_KEY_ROWS = tl.constexpr(16)
 # Widest chunk of the q/k row one sum-of-squares step loads: 32 elements (four 16-byte
 # vectors in bf16) per thread at 4 warps, so a 5120-wide q row takes two L2 round trips.
 _MAX_ROW_BLOCK = 4096
-# Splits are at least this many cache slots long at max_seq: below that the fixed costs of a
-# program (row norm, partial write, its share of the combine) outweigh the keys it reads.
+# No more splits than max_seq // this: only tiny caches (tests) are cut this way, a cache of
+# the published sizes (>= 256 slots at any request) never is. It keeps a 40-slot cache from
+# being cut into 32 mostly empty splits.
 _MIN_SPLIT_TOKENS = 16
 
 
@@ -91,11 +94,12 @@ class DecodeWorkspace(NamedTuple):
 
 
 def fused_decode_num_splits(batch: int, n_q_heads: int, n_kv_heads: int, max_seq: int, sm_count: int = 132) -> int:
-    """Splits per sequence, from shapes only (never from kv_lens): one program per SM.
+    """Splits per sequence, from shapes only (never from kv_lens): at least one program per SM.
 
-    One wave is enough: each program streams K/V through num_stages-deep pipelined loads,
-    32+ KB in flight per SM, above the ~20 KB Little's law asks of an H100 SM at full HBM
-    bandwidth; a second wave would only add fixed costs (row norm, partial, combine).
+    One wave, by arithmetic (not measured on a card): each program streams K/V through
+    num_stages-deep pipelined loads, 32-64 KB in flight (bf16, D = 128), above the ~20 KB
+    per SM that Little's law asks at 3.35 TB/s and ~0.8 us latency; a second wave would only
+    add fixed costs (row norm, partial, its share of the combine).
     Capped at MAX_SPLITS (the combine's tile) and at one split per _MIN_SPLIT_TOKENS slots.
     Batch 1, 4096 slots: 1B 9 splits (144 programs), 7B 5 (160), 13B 4 (160), 32B 17 (136).
     """
@@ -229,7 +233,7 @@ def _fused_attention_decode_kernel(
     release_dependents(USE_PDL)
 
     kv_len = tl.minimum(tl.load(kv_lens_ptr + seq), max_seq)
-    position = kv_len - 1  # of the new token
+    position = kv_len - 1  # of the new token; -1 in a padding row, which writes nothing
     q_row = qkv_ptr + seq.to(tl.int64) * stride_qkv_b
     k_row = q_row + q_width
     v_row = k_row + kv_width
@@ -279,8 +283,8 @@ def _fused_attention_decode_kernel(
         tl.store(m_part_ptr + part, m_i, mask=g_ok)
         tl.store(l_part_ptr + part, l_i, mask=g_ok)
         tl.store(acc_part_ptr + part[:, None] * HEAD_DIM + cols[None, :], acc, mask=g_ok[:, None])
-        # Every thread's partial stores before thread 0's release (Triton puts no barrier
-        # before an atomic itself; triton PR 6307).
+        # Every thread's partial stores before thread 0's release: Triton does not promise a
+        # barrier before an atomic (triton PR 6307), so make one.
         tl.debug_barrier()
         counter = counters_ptr + seq * tl.num_programs(1) + pid_h
         arrived = tl.atomic_add(counter, 1, sem="acq_rel", scope="gpu")
@@ -305,15 +309,30 @@ def _row_block(n_q_heads: int, head_dim: int) -> int:
     return min(triton.next_power_of_2(n_q_heads * head_dim), _MAX_ROW_BLOCK)
 
 
-def fused_decode_config(head_dim: int, dtype: torch.dtype) -> KernelConfig:
-    """attention_decode's tiles (decode_config), except that float32 takes 8 warps.
+def fused_attention_decode_supports(head_dim: int, dtype: torch.dtype) -> bool:
+    """Whether the launcher takes (head_dim, dtype): SUPPORTED_HEAD_DIMS x FLOAT_DTYPES except
+    float32 at D = 256, whose IEEE dots (FMA units, whole operand rows per thread) spill with
+    every tile and warp count tried (sm_80: REG 255, STACK 48..1456). No OLMo 2 size has
+    D = 256; a model that does keeps qk_norm_rope + attention_decode for its decode steps."""
+    return head_dim in SUPPORTED_HEAD_DIMS and dtype in FLOAT_DTYPES and not (dtype == torch.float32 and head_dim == 256)
 
-    float32 dots run in IEEE precision on FMA units, which hold whole operand rows per
-    thread: with the norm/RoPE prologue on top of the K/V loop, 4 warps spill at D = 128
-    whatever the key tile (sm_80/sm_90: REG 255, STACK 80..224); 8 warps: REG 170, none.
+
+def fused_decode_config(head_dim: int, dtype: torch.dtype) -> KernelConfig:
+    """attention_decode's tiles (decode_config), adjusted where this kernel's compile reports
+    (tests/test_kernel_fused_attention_decode.py) showed spills:
+      * float32, D >= 64: 8 warps. Its IEEE dots hold whole operand rows per thread, and with
+        the norm/RoPE prologue 4 warps spill at D = 128 whatever the key tile (REG 255,
+        STACK 80..224); 8 warps: REG 166..174. At D = 32 it is the reverse (8 warps: REG 64
+        STACK 8; 4 warps: REG 96, none), so D <= 32 keeps 4;
+      * D = 16: 32-key tiles in 16-bit, 16-key tiles in float32 (the defaults, 64 and 32,
+        left two registers spilled on sm_80: REG 64..96, STACK 8).
     """
     cfg = decode_config(head_dim, dtype)
-    return cfg._replace(num_warps=8) if dtype == torch.float32 else cfg
+    if dtype == torch.float32 and head_dim >= 64:
+        cfg = cfg._replace(num_warps=8)
+    if head_dim == 16:
+        cfg = cfg._replace(block_n=16 if dtype == torch.float32 else 32)
+    return cfg
 
 
 def kernel_meta(n_q_heads: int, head_dim: int, dtype: torch.dtype, num_splits: int, use_pdl: bool) -> dict:
@@ -365,8 +384,9 @@ def fused_attention_decode(qkv: torch.Tensor, q_norm_weight: torch.Tensor, k_nor
     qkv:           [B, (Hq + 2*Hkv) * D]  q, k, v columns of each sequence's new token (row stride free)
     q_norm_weight: [Hq * D], k_norm_weight: [Hkv * D]  same dtype as qkv
     kv_lens:       [B] int32  cached positions of sequence b after this step, new token included
-                   (1 <= kv_lens[b] <= max_seq, not checked: that needs a host sync); the new
-                   token sits at position kv_lens[b] - 1
+                   (<= max_seq, not checked: that needs a host sync); the new token sits at
+                   position kv_lens[b] - 1. 0 marks a padding row: its cache row is neither
+                   read nor written, its output is its new token's v
     k_cache, v_cache: [max_batch, Hkv, max_seq, D]  sequence b is row b; slot kv_lens[b]-1 is
                    written with the new token's k (normed, rotated) and v, nothing else is
     workspace:     fused_attention_decode_workspace(batch >= B, Hq, Hkv, D, ...) on the same device;
@@ -398,6 +418,9 @@ def fused_attention_decode(qkv: torch.Tensor, q_norm_weight: torch.Tensor, k_nor
     _check(v_cache.shape == k_cache.shape, f"v_cache shape {tuple(v_cache.shape)} != k_cache shape {tuple(k_cache.shape)}")
     max_batch, n_kv_heads, max_seq, head_dim = k_cache.shape
     _check(head_dim in SUPPORTED_HEAD_DIMS, f"head_dim must be one of {SUPPORTED_HEAD_DIMS}, got {head_dim}")
+    _check(fused_attention_decode_supports(head_dim, qkv.dtype),
+           f"float32 with head_dim {head_dim} is not supported (it spills on every config): use qk_norm_rope + "
+           "attention_decode")
     _check(n_kv_heads > 0 and max_seq > 0, f"the cache needs at least one KV head and one position, got {tuple(k_cache.shape)}")
     _check(q_norm_weight.dim() == 1 and q_norm_weight.shape[0] % (n_kv_heads * head_dim) == 0 and q_norm_weight.shape[0] > 0,
            f"q_norm_weight must be [Hq * D] with Hq a multiple of Hkv={n_kv_heads}, D={head_dim}, "

@@ -227,14 +227,19 @@ def test_split_ranges_follow_device_kv_lens():
     assert (workspace.l[1][:, ~busy] == 0).all() and (workspace.m[1][:, ~busy] == float("-inf")).all()
 
 
-def test_kv_lens_outside_the_contract_stay_in_their_row():
-    """kv_lens outside [1, max_seq] are a caller bug the launcher cannot see without a sync:
-    the output is unspecified, but nothing outside the sequence's cache row is touched:
-    kv_len 0 writes nothing, kv_len > max_seq is clamped to max_seq."""
-    inputs, workspace = make_case(4, 2, 64, [1, 1], torch.float16, max_seq=16, num_splits=2, seed=5)
+def test_padding_rows_and_overlong_kv_lens_stay_in_their_row():
+    """kv_lens 0 marks a padding row: its cache row is neither read nor written (slots hold
+    NaN here) and its output is exactly its new token's v for each query head's KV head.
+    kv_lens > max_seq is a caller bug the launcher cannot see without a sync: it is clamped
+    to max_seq, so only the row's last slot is written (its output reads the row's NaN slots)."""
+    n_q_heads, n_kv_heads, head_dim = 4, 2, 64
+    inputs, workspace = make_case(n_q_heads, n_kv_heads, head_dim, [1, 1], torch.float16, max_seq=16, num_splits=2,
+                                  seed=5)
     inputs["kv_lens"] = torch.tensor([0, 25], dtype=torch.int32, device=DEVICE)
     before = cloned(inputs)
-    run(inputs, workspace)
+    out = run(inputs, workspace)
+    v_new = inputs["qkv"][0, -n_kv_heads * head_dim:].view(n_kv_heads, head_dim)
+    assert torch.equal(out[0].view(n_q_heads, head_dim), v_new.repeat_interleave(n_q_heads // n_kv_heads, 0))
     written = torch.zeros(3, 16, dtype=torch.bool, device=DEVICE)
     written[1, 15] = True
     for name in ("k_cache", "v_cache"):
@@ -419,6 +424,18 @@ def test_bad_workspace_requests():
     assert workspace.counters.shape == (2, 8) and not workspace.counters.any()
 
 
+def test_float32_at_head_dim_256_is_refused():
+    """The one (D, dtype) the kernel does not take (it spills on every config): refused by name."""
+    assert not fad.fused_attention_decode_supports(256, torch.float32)
+    assert all(fad.fused_attention_decode_supports(d, dtype) for d in (16, 32, 64, 128) for dtype in ALL_DTYPES)
+    f32 = dict(dtype=torch.float32, device=DEVICE)
+    cache = torch.zeros(1, 1, 8, 256, **f32)
+    with pytest.raises(ValueError, match="float32 with head_dim 256 is not supported"):
+        fused_attention_decode(torch.zeros(1, 4 * 256, **f32), torch.ones(2 * 256, **f32), torch.ones(256, **f32),
+                               torch.ones(1, dtype=torch.int32, device=DEVICE), cache, cache.clone(),
+                               fused_attention_decode_workspace(1, 2, 1, 256, 8, DEVICE), eps=EPS, rope_theta=THETA)
+
+
 def test_cost_by_hand():
     # 32B widths in bf16, two sequences with 512 and 1 cached positions after the step:
     # qkv 2*7168, weights 6144, K/V read 2*511*1024, new k/v 2*2*1024, out 2*5120 elements,
@@ -443,7 +460,7 @@ def compile_specs(head_dims, dtypes, split_counts, n_q_heads=40):
     kernel = fad._fused_attention_decode_kernel
     specs = {False: [], True: []}
     for dtype in dtypes:
-        for head_dim in head_dims:
+        for head_dim in filter(lambda d: fad.fused_attention_decode_supports(d, dtype), head_dims):
             for splits in split_counts:
                 for use_pdl in (False, True):
                     meta = fad.kernel_meta(n_q_heads, head_dim, dtype, splits, use_pdl)
@@ -500,7 +517,7 @@ def ptx_problems(spec, ptx):
     return None
 
 reports = []
-for capability, specs in {specs_by_capability!r}.items():
+for capability, specs in json.load(sys.stdin):
     for spec in specs:
         report = compile_one(spec, capability)
         report.pop("sass_loops", None)
@@ -516,7 +533,8 @@ for capability, specs in {specs_by_capability!r}.items():
 print(json.dumps(reports))
 """
     env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
-    proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=env, timeout=1200)
+    proc = subprocess.run([sys.executable, "-c", code], input=json.dumps(list(specs_by_capability.items())),
+                          capture_output=True, text=True, env=env, timeout=3000)
     assert proc.returncode == 0, proc.stderr[-4000:]
     reports = json.loads(proc.stdout.splitlines()[-1])
     problems = []
