@@ -106,6 +106,20 @@ class Sequence:
         piece, self.emitted = self.text[self.emitted:end], end
         return piece
 
+    def feed(self, token_id: int, eos_ids: tuple[int, ...], max_seq: int, logprob: TokenLogprob | None = None):
+        """Record one sampled token, -1 for non-finite logits (an error), as a loop over a cache of max_seq
+        positions produced it; the speculative loop (speculative.py) feeds its accepted tokens one by one."""
+        if self.first_token_at is None:
+            self.first_token_at = time.perf_counter()
+        if token_id < 0:
+            self._finish("error", f"the model produced non-finite logits at step {len(self.ids) + 1} of this "
+                                  "generation: float16 overflows on OLMo 2; load the model with dtype='bfloat16'")
+            return
+        if logprob is not None:
+            self.logprobs.append(logprob)
+        # The token at position prompt_len + len(ids) is fed only if that position exists.
+        self._add(token_id, eos_ids, max_seq - (self.prompt_len + len(self.ids)))
+
     def _add(self, token_id: int, eos_ids: tuple[int, ...], room: int):
         """Record a sampled token; `room`: tokens this sequence may still produce before the cache ends."""
         self.sampled.append(token_id)
@@ -239,21 +253,12 @@ class Scheduler:
         for row, (sequence, token) in enumerate(zip(read.sequences, tokens)):
             if sequence.done:
                 continue
-            if sequence.first_token_at is None:
-                sequence.first_token_at = time.perf_counter()
-            if token < 0:
-                sequence._finish("error", f"the model produced non-finite logits at step {len(sequence.ids) + 1} "
-                                          "of this generation: float16 overflows on OLMo 2; load the model with "
-                                          "dtype='bfloat16'")
-            else:
-                if logprobs is not None and sequence.request.logprobs is not None:
-                    chosen, top_values, top_ids = logprobs
-                    k = sequence.request.logprobs
-                    sequence.logprobs.append(TokenLogprob(token, chosen[row], tuple(
-                        zip(top_ids[row][:k], top_values[row][:k]))))
-                # The token at position prompt_len + len(ids) is fed only if that position exists.
-                room = max_seq - (sequence.prompt_len + len(sequence.ids))
-                sequence._add(token, self.tokenizer.eos_ids, room)
+            logprob = None
+            if logprobs is not None and sequence.request.logprobs is not None and token >= 0:
+                chosen, top_values, top_ids = logprobs
+                k = sequence.request.logprobs
+                logprob = TokenLogprob(token, chosen[row], tuple(zip(top_ids[row][:k], top_values[row][:k])))
+            sequence.feed(token, self.tokenizer.eos_ids, max_seq, logprob)
             changed.append(sequence)
         for sequence in self.running + self.waiting:
             if sequence.cancel_requested and not sequence.done:
