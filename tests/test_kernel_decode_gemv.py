@@ -219,6 +219,38 @@ def test_residual_out_written_exactly_once(monkeypatch):
     assert counts.min() == 1 and counts.max() == 1, f"writes per element range {counts.min()}..{counts.max()}"
 
 
+# The 1B decode step's projections (N, K) per prologue; lm_head's vocabulary cut to 8192 rows so the
+# interpreter can run it (the column blocks are independent; the argmax still spans 1024 of them).
+PUBLISHED_1B = {P.EMBEDDING: (6144, 2048), P.RESIDUAL_NORM: (16384, 2048), P.NONE: (2048, 2048),
+                P.SWIGLU: (2048, 8192), P.FINAL_NORM: (8192, 2048)}
+
+
+@pytest.mark.heavy
+@pytest.mark.parametrize("m", [1, 16])
+@pytest.mark.parametrize("prologue", list(PUBLISHED_1B), ids=[p.name for p in PUBLISHED_1B])
+def test_published_widths(prologue, m, nan_allocations):
+    """bf16 at the 1B widths with the plan's own split (batch 16 splits o_proj and down_proj 6 ways)."""
+    n, k = PUBLISHED_1B[prologue]
+    inputs = _Inputs(m, n, k, torch.bfloat16, vocab=1000)
+    workspace = decode_gemv_workspace([(n, k)], torch.bfloat16, DEVICE)
+    _check(inputs, prologue, workspace, None, n_valid=n - 100 if prologue == P.FINAL_NORM else None)
+
+
+@pytest.mark.cuda
+def test_split_k_and_argmax_repeat_bit_for_bit_on_a_gpu():
+    """On a GPU the slices and column blocks really race: 200 calls of a 6-way split (1B o_proj at
+    batch 16) and of the lm_head argmax give one result, and leave the workspace reset."""
+    inputs = _Inputs(16, 2048, 2048, torch.bfloat16)
+    workspace = decode_gemv_workspace([(2048, 2048)], torch.bfloat16, DEVICE)
+    assert gemv_plan(16, 2048, 2048, torch.bfloat16, torch.cuda.get_device_properties(0).multi_processor_count).splits > 1
+    first = [inputs.run(P.NONE, workspace, None)[0], *inputs.run(P.FINAL_NORM, workspace, None, n_valid=2000)[::2]]
+    for _ in range(200):
+        again = [inputs.run(P.NONE, workspace, None)[0], *inputs.run(P.FINAL_NORM, workspace, None, n_valid=2000)[::2]]
+        assert all(torch.equal(a, b) for a, b in zip(first, again))
+    torch.cuda.synchronize()
+    _assert_workspace_reset(workspace)
+
+
 # --------------------------------------------------------------------------- argmax
 
 
