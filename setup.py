@@ -34,9 +34,13 @@ setup(
         "test": ["pytest>=7", "pytest-benchmark>=4"],
         "hub": ["huggingface_hub"],
         "parity": ["transformers==5.24.0"],  # tests/test_hf_parity.py and the bench's HF baseline
-        "eval": ["lm-eval==0.4.13"],  # the lm-evaluation-harness adapter
+        "eval": ["lm-eval==0.4.13", "accelerate==1.15.0"],  # the lm-eval adapter; lm-eval's hf model needs accelerate
         # the server, its clients in tests: openai, httpx, and tenacity for lm-eval's local-completions model
         "serve": ["fastapi>=0.110", "uvicorn>=0.30", "openai>=1.40", "httpx>=0.27", "tenacity"],
     },
-    entry_points={"console_scripts": ["olmo2-fast=olmo2_fast.cli:main"]},
+    # The trained demo pair (olmo2_fast/demo_train.py) ships inside the package: `olmo2-fast` runs it by default.
+    package_data={"olmo2_fast": ["demo_models/*.txt", "demo_models/*.json", "demo_models/*/*.json",
+                                 "demo_models/*/*.safetensors"]},
+    entry_points={"console_scripts": ["olmo2-fast=olmo2_fast.cli:main",
+                                      "olmo2-lm-eval=olmo2_fast.lm_eval_adapter:main"]},
 )

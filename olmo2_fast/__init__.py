@@ -11,7 +11,7 @@ __version__ = "0.2.0"
 _PUBLIC = {
     "OLMo2": "api", "Olmo2Config": "config", "PRESETS": "config", "preset": "config",
     "SamplingParams": "sampling", "Olmo2Error": "errors", "ConfigError": "errors", "CheckpointError": "errors",
-    "TokenizerError": "errors", "GenerationError": "errors",
+    "TokenizerError": "errors", "GenerationError": "errors", "EvaluationError": "errors",
 }
 __all__ = list(_PUBLIC)
 

@@ -8,8 +8,8 @@ checkpoint loads into bf16 without ever holding a float32 copy of the model.
 from __future__ import annotations
 
 import json
+import secrets
 import shutil
-import tempfile
 from pathlib import Path
 from typing import Iterator
 
@@ -241,7 +241,9 @@ def save_checkpoint(directory: str | Path, config: Olmo2Config, tensors: dict[st
         raise CheckpointError(f"cannot save a checkpoint to {directory}: it is a file")
     try:
         directory.parent.mkdir(parents=True, exist_ok=True)
-        staging = Path(tempfile.mkdtemp(dir=directory.parent, prefix=f".{directory.name}.saving-"))
+        # mkdir, not tempfile.mkdtemp: the directory becomes the checkpoint, so it gets the usual (umask) mode.
+        staging = directory.parent / f".{directory.name}.saving-{secrets.token_hex(6)}"
+        staging.mkdir()
     except OSError as e:
         raise CheckpointError(f"cannot save a checkpoint to {directory}: {e.strerror or e}") from None
     try:

@@ -49,15 +49,29 @@ DEMO_CONFIG = Olmo2Config(
 DEMO_VERSION = "2"
 
 
-def train_tokenizer(vocab_size: int = 400) -> Tokenizer:
-    """Byte-level BPE with <|endoftext|> = 0 and <|pad|> = 1; deterministic for a given corpus."""
+def train_tokenizer(vocab_size: int = 400, texts: list[str] = CORPUS) -> Tokenizer:
+    """Byte-level BPE with <|endoftext|> = 0 and <|pad|> = 1; deterministic for given texts."""
     tok = Tokenizer(models.BPE())
     tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
     tok.decoder = decoders.ByteLevel()
     trainer = trainers.BpeTrainer(vocab_size=vocab_size, special_tokens=[ENDOFTEXT, PAD], show_progress=False,
                                   initial_alphabet=pre_tokenizers.ByteLevel.alphabet())
-    tok.train_from_iterator(CORPUS, trainer)
+    tok.train_from_iterator(texts, trainer)
     return tok
+
+
+def tokenizer_files(directory: Path, tokenizer: Tokenizer, config: Olmo2Config) -> dict[str, Path]:
+    """Write tokenizer.json, tokenizer_config.json (dolma2's special tokens, the Tulu chat template) and
+    generation_config.json into `directory`; -> name -> path, as save_checkpoint's extra_files takes them."""
+    tokenizer.save(str(directory / "tokenizer.json"))
+    (directory / "tokenizer_config.json").write_text(json.dumps({
+        "bos_token": ENDOFTEXT, "eos_token": ENDOFTEXT, "pad_token": PAD, "unk_token": ENDOFTEXT,
+        "chat_template": CHAT_TEMPLATE, "model_max_length": config.max_position_embeddings,
+    }, indent=2) + "\n")
+    (directory / "generation_config.json").write_text(json.dumps({
+        "eos_token_id": tokenizer.token_to_id(ENDOFTEXT), "pad_token_id": tokenizer.token_to_id(PAD),
+    }, indent=2) + "\n")
+    return {name: directory / name for name in ("tokenizer.json", "tokenizer_config.json", "generation_config.json")}
 
 
 def random_state_dict(config: Olmo2Config, seed: int = 0, dtype: torch.dtype = torch.float32,
@@ -79,32 +93,27 @@ def write_random_checkpoint(directory: str | Path, config: Olmo2Config = DEMO_CO
                             dtype: torch.dtype = torch.float32, num_shards: int = 1,
                             tokenizer: Tokenizer | None = None) -> Path:
     """A complete checkpoint directory: config.json, safetensors, tokenizer files, generation_config.json."""
-    directory = Path(directory)
     tokenizer = tokenizer or train_tokenizer(min(400, config.vocab_size))
-    save_checkpoint(directory, config, random_state_dict(config, seed, dtype), num_shards=num_shards)
-    tokenizer.save(str(directory / "tokenizer.json"))
-    (directory / "tokenizer_config.json").write_text(json.dumps({
-        "bos_token": ENDOFTEXT, "eos_token": ENDOFTEXT, "pad_token": PAD, "unk_token": ENDOFTEXT,
-        "chat_template": CHAT_TEMPLATE, "model_max_length": config.max_position_embeddings,
-    }, indent=2) + "\n")
-    (directory / "generation_config.json").write_text(json.dumps({
-        "eos_token_id": tokenizer.token_to_id(ENDOFTEXT), "pad_token_id": tokenizer.token_to_id(PAD),
-    }, indent=2) + "\n")
-    return directory
+    with tempfile.TemporaryDirectory() as scratch:
+        extra = tokenizer_files(Path(scratch), tokenizer, config)
+        return save_checkpoint(directory, config, random_state_dict(config, seed, dtype), num_shards=num_shards,
+                               extra_files=extra)
 
 
 REQUIRED_FILES = ("config.json", "model.safetensors", "tokenizer.json", "tokenizer_config.json",
                   "generation_config.json")
-TRAINED_DEMO = Path(__file__).parent / "demo_models" / "target"  # package data, when the wheel ships it
+DEMO_MODELS = Path(__file__).parent / "demo_models"  # package data: olmo2_fast/demo_train.py trained them
+TRAINED_DEMO = DEMO_MODELS / "target"
 
 
 def demo_model() -> tuple[Path, str]:
     """(checkpoint directory, one line saying what it is) of the model `olmo2-fast` runs without --model:
     the trained demo model shipped with the package, else the random-weight checkpoint."""
     if all((TRAINED_DEMO / name).is_file() for name in REQUIRED_FILES):
-        info = TRAINED_DEMO.parent / "README.md"
-        headline = info.read_text().splitlines()[0].lstrip("# ").strip() if info.is_file() else "the demo model"
-        return TRAINED_DEMO, f"{headline} ({TRAINED_DEMO}); pass --model PATH for a real OLMo 2"
+        facts = json.loads((DEMO_MODELS / "training.json").read_text())["target"]
+        return TRAINED_DEMO, (f"the built-in demo model, a {facts['parameters'] / 1e6:.1f}M-parameter OLMo 2 trained "
+                              f"for {facts['train_seconds'] / 60:.0f} minutes on a CPU on Python's documentation: it "
+                              "writes in that style and knows no facts (pass --model PATH for a real OLMo 2)")
     path = demo_checkpoint()
     return path, (f"the built-in demo checkpoint at {path} (tiny, RANDOM weights: the text is gibberish; pass "
                   "--model PATH for a real OLMo 2)")

@@ -148,7 +148,8 @@ def _documented(module_name: str, module):
         yield f"{module_name}.{name}", obj
         if inspect.isclass(obj):
             for attr, member in sorted(vars(obj).items()):
-                if not attr.startswith("_") and (inspect.isroutine(member) or isinstance(member, property)):
+                if (not attr.startswith("_") and (inspect.isroutine(member) or isinstance(member, property))
+                        and _member_of(member, obj)):
                     yield f"{module_name}.{name}.{attr}", member
 
 
@@ -162,6 +163,13 @@ def _defined_in(obj, module_name: str, module) -> bool:
     home = getattr(obj, "__module__", None) or ""
     own = (module.__name__, "_" + module_name.rsplit(".", 1)[-1], *IMPLEMENTED_IN.get(module_name, ()))
     return home in own or home.startswith(module.__name__ + ".")
+
+
+def _member_of(member, cls) -> bool:
+    """Whether a class attribute comes from the standard library (C methods carry no module), not from a
+    third-party import that attached it to the class (transformers adds logging.Logger.warning_once)."""
+    home = getattr(member.fget if isinstance(member, property) else member, "__module__", None)
+    return home is None or home.split(".")[0] in sys.stdlib_module_names
 
 
 def python_version() -> tuple[int, int, int]:

@@ -31,12 +31,12 @@ from pathlib import Path
 
 import torch
 import torch.nn.functional as F
-from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
+from tokenizers import Tokenizer
 
-from .api import TOKENIZER_FILES, OLMo2
+from .api import OLMo2
 from .checkpoint import save_checkpoint
 from .config import Olmo2Config
-from .demo import ENDOFTEXT, PAD, write_random_checkpoint
+from .demo import tokenizer_files, train_tokenizer
 from .demo_corpus import Corpus, build_corpus, python_version, training_texts
 from .evaluate import compare
 from .reference import Olmo2Reference, rope_cos_sin
@@ -88,17 +88,6 @@ DRAFT = Recipe("draft", demo_config(hidden=128, intermediate=512, layers=2, head
 
 
 # ---------------------------------------------------------------------------------------- tokenizer
-
-def train_tokenizer(texts: list[str], vocab_size: int) -> Tokenizer:
-    """Byte-level BPE with <|endoftext|> = 0 and <|pad|> = 1, as olmo2_fast.demo's; deterministic for given texts."""
-    tok = Tokenizer(models.BPE())
-    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
-    tok.decoder = decoders.ByteLevel()
-    trainer = trainers.BpeTrainer(vocab_size=vocab_size, special_tokens=[ENDOFTEXT, PAD], show_progress=False,
-                                  initial_alphabet=pre_tokenizers.ByteLevel.alphabet())
-    tok.train_from_iterator(texts, trainer)
-    return tok
-
 
 def encode_stream(tokenizer: Tokenizer, texts: list[str]) -> torch.Tensor:
     """All texts' ids, concatenated (each text carries its own <|endoftext|>), as one int64 tensor."""
@@ -206,14 +195,11 @@ def train(recipe: Recipe, tokens: torch.Tensor, seed: int = SEED) -> tuple[Olmo2
 
 
 def ship(directory: Path, model: Olmo2Reference, tokenizer: Tokenizer) -> Path:
-    """The Hugging Face layout in bf16. demo.write_random_checkpoint is the one writer of the tokenizer
-    files (tokenizer.json, tokenizer_config.json with the chat template, generation_config.json): they
-    are taken from a random-weight checkpoint it writes aside, beside the trained weights."""
+    """The Hugging Face layout in bf16, with demo.tokenizer_files (the chat template included)."""
     tensors = {name: t.to(torch.bfloat16) for name, t in model.state_dict().items()}
     with tempfile.TemporaryDirectory() as scratch:
-        files = write_random_checkpoint(Path(scratch), model.config, tokenizer=tokenizer)
-        tokenizer_files = {name: files / name for name in TOKENIZER_FILES if (files / name).is_file()}
-        return save_checkpoint(directory, model.config, tensors, extra_files=tokenizer_files)
+        extra = tokenizer_files(Path(scratch), tokenizer, model.config)
+        return save_checkpoint(directory, model.config, tensors, extra_files=extra)
 
 
 # ---------------------------------------------------------------------------------------- measuring
@@ -254,7 +240,7 @@ def run(out: str | Path, target: Recipe = TARGET, draft: Recipe = DRAFT, corpus:
     corpus = corpus or build_corpus()
     texts = training_texts(corpus.train)
     started = time.perf_counter()
-    tokenizer = train_tokenizer(texts, target.config.vocab_size)
+    tokenizer = train_tokenizer(target.config.vocab_size, texts)
     tokens = encode_stream(tokenizer, texts)
     heldout = corpus.heldout_text()
     (out / "heldout.txt").write_text(heldout)

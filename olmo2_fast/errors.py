@@ -19,3 +19,7 @@ class TokenizerError(Olmo2Error):
 
 class GenerationError(Olmo2Error):
     """A generation request cannot be served (prompt too long, bad arguments, cache too small)."""
+
+
+class EvaluationError(Olmo2Error):
+    """An evaluation cannot run as asked (text too short, bad window sizes, incomparable models)."""

@@ -68,7 +68,8 @@ def cmd_perplexity(args) -> int:
 
 
 def cmd_compare(args) -> int:
-    from .evaluate import EvaluationError, compare
+    from .errors import EvaluationError
+    from .evaluate import compare
 
     text = _read_text(args.text)
     other = args.other or args.model
@@ -110,7 +111,7 @@ def _describe(model, path: str, int4: bool) -> dict:
 
 
 def _read_text(path: str) -> str:
-    from .evaluate import EvaluationError
+    from .errors import EvaluationError
 
     file = Path(path)
     if not file.is_file():
@@ -129,7 +130,7 @@ def _write_json(args, data: dict):
         return
     import torch
 
-    from .evaluate import EvaluationError
+    from .errors import EvaluationError
 
     data = {"command": f"eval {args.eval_command}", "text": str(args.text), **data,
             "torch": torch.__version__, "date": datetime.now(timezone.utc).isoformat(timespec="seconds")}

@@ -43,17 +43,13 @@ from typing import Sequence
 
 import torch
 
-from .errors import Olmo2Error
+from .errors import EvaluationError
 from .progress import Progress
 
 # Logits kept per forward call, in float32 elements (windows are batched up to this, at least one).
 LOGITS_BUDGET = 2**26
 # float64 log-softmax is taken over this many elements at a time (rows x vocabulary).
 LOG_SOFTMAX_CHUNK = 2**24
-
-
-class EvaluationError(Olmo2Error):
-    """An evaluation cannot run as asked (text too short, bad window sizes, incomparable models)."""
 
 
 @dataclass(frozen=True)

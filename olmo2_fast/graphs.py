@@ -91,13 +91,14 @@ class CudaGraphRecorder:
 
 
 def _set_padding(batch: StepBatch, rows: slice, max_seq: int):
-    """Rows no real sequence fills (warm-up, padding) decode token 0 at the cache's last slot,
-    attending to one key: live data never sits in that slot when a decode step starts (a
-    sequence at position max_seq - 1 writes it itself before reading it), so the warm-up,
-    which runs before any row is filled, clobbers no live sequence's tokens."""
+    """Rows no real sequence fills (warm-up, padding) decode token 0 with an empty cache (kv_lens 0:
+    the attention kernels read no key and the fused one writes nothing); the unfused path writes
+    its k/v at the cache's last slot, where live data never sits when a decode step starts (a
+    sequence at position max_seq - 1 writes it itself before reading it, and a prompt reusing a
+    cached prefix never reuses that slot), so the warm-up clobbers no live sequence's tokens."""
     batch.input_ids[rows] = 0
     batch.positions[rows] = max_seq - 1
-    batch.kv_lens[rows] = 1
+    batch.kv_lens[rows] = 0
 
 
 class BucketGraph:

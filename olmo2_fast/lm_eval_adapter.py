@@ -35,7 +35,8 @@ except ImportError as e:
 
 from .api import OLMo2
 from .errors import Olmo2Error
-from .evaluate import EvaluationError, token_nll
+from .errors import EvaluationError
+from .evaluate import token_nll
 from .progress import Progress
 
 logger = logging.getLogger(__name__)

@@ -131,3 +131,13 @@ def test_chat_refuses_a_model_without_a_template_before_the_first_prompt(tmp_pat
     monkeypatch.setattr(sys, "stdin", io.StringIO("never read\n"))
     assert main(["chat", "--model", str(path)]) == 2
     assert "no chat template" in capsys.readouterr().err
+
+
+def test_without_a_model_it_runs_the_trained_demo_model(tmp_path, capsys, monkeypatch):
+    monkeypatch.setenv("OLMO2_FAST_HOME", str(tmp_path))  # nothing is written there
+    assert main(["generate", "The with statement", "--max-new-tokens", "24"]) == 0
+    out, err = capsys.readouterr()
+    assert "the built-in demo model, a 5.5M-parameter OLMo 2" in err and "knows no facts" in err
+    words = [w for w in out.split() if w.isalpha()]
+    assert len(words) >= 8 and {"the", "is", "a", "of", "to", "in"} & {w.lower() for w in words}, out
+    assert not list(tmp_path.iterdir())

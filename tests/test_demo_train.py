@@ -134,3 +134,14 @@ def test_shipped_target_runs_on_the_kernels(shipped):
     ids = torch.tensor([shipped["target"].tokenizer.encode('The "with" statement is used to wrap')])
     kernels = OLMo2.from_pretrained(SHIPPED / "target", device="cpu", backend="triton")
     torch.testing.assert_close(kernels(ids), shipped["target"](ids), rtol=1e-4, atol=1e-4)
+
+
+def test_the_corpus_ignores_what_third_party_imports_attach_to_the_stdlib():
+    transformers = pytest.importorskip("transformers", reason="needs transformers, which patches logging.Logger")
+    import logging
+
+    from olmo2_fast.demo_corpus import build_corpus
+    assert hasattr(logging.Logger, "warning_once"), "transformers no longer patches logging: pick another probe"
+    names = {d.name for d in build_corpus().train + build_corpus().heldout}
+    assert "logging.Logger.warning_once" not in names and "logging.Logger.warning" in names
+    del transformers

@@ -14,7 +14,8 @@ from checkpoints import make_checkpoint
 from olmo2_fast import OLMo2
 from olmo2_fast.cli import main
 from olmo2_fast.demo import CORPUS, train_tokenizer
-from olmo2_fast.evaluate import EvaluationError, compare, perplexity, windows
+from olmo2_fast.errors import EvaluationError
+from olmo2_fast.evaluate import compare, perplexity, windows
 
 TEXT = "\n".join(CORPUS * 2)     # ~590 tokens of the test tokenizer, multi-byte characters included
 SHORT = CORPUS[0] + " " + CORPUS[4]  # 108 tokens, multi-byte characters included

@@ -83,7 +83,7 @@ def test_a_replay_fills_the_static_rows_and_pads_the_rest():
     static = graphs.graphs[4].static
     assert static.input_ids.tolist() == [7, 8, 9, 0]
     assert static.positions.tolist() == [3, 0, 5, MAX_SEQ - 1]
-    assert static.kv_lens.tolist() == [4, 1, 6, 1]
+    assert static.kv_lens.tolist() == [4, 1, 6, 0]  # padding: an empty cache
     # Live rows wrote their own slot; capture (and warm-up) and the padding row wrote only the last slot.
     assert written_slots(before, cache) == {(0, 3), (1, 0), (2, 5)} | {(row, MAX_SEQ - 1) for row in range(4)}
     assert [cache.k[0, row, 0, pos, 0].item() for row, pos in ((0, 3), (1, 0), (2, 5))] == [8, 9, 10]
@@ -99,7 +99,7 @@ def test_a_shrinking_batch_gives_its_rows_back_to_padding():
     assert list(graphs.graphs) == [8] and out.shape[0] == 5
     static = graphs.graphs[8].static
     assert static.input_ids.tolist() == [8, 9, 10, 11, 12, 0, 0, 0]
-    assert static.positions.tolist() == [3] * 5 + [MAX_SEQ - 1] * 3 and static.kv_lens.tolist() == [4] * 5 + [1] * 3
+    assert static.positions.tolist() == [3] * 5 + [MAX_SEQ - 1] * 3 and static.kv_lens.tolist() == [4] * 5 + [0] * 3
     # Rows 5 and 6 no longer rewrite their old slot 2: only the live rows' slot 3 and the last slots change.
     assert written_slots(before, cache) <= {(row, 3) for row in range(5)} | {(row, MAX_SEQ - 1) for row in range(8)}
 
