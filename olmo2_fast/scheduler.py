@@ -153,6 +153,21 @@ class Sequence:
         self.finished_at = time.perf_counter()
 
 
+def open_sequence(request: Request, engine, tokenizer: Tokenizer, cache: KVCache) -> Sequence:
+    """A request checked against the engine's vocabulary and the cache, as a Sequence with its seed."""
+    if len(request.prompt) > cache.max_seq:
+        raise GenerationError(f"prompt of {len(request.prompt)} tokens does not fit the KV cache of "
+                              f"{cache.max_seq} positions")
+    vocab = engine.config.vocab_size
+    if not 0 <= min(request.prompt) <= max(request.prompt) < vocab:  # C loops: cheap for long prompts
+        bad = [t for t in request.prompt if not 0 <= t < vocab]
+        raise GenerationError(f"prompt token ids must lie in [0, {vocab}), got {bad[:5]}")
+    seed = request.params.seed
+    if seed is None:
+        seed = int(torch.randint(0, 2**62, (1,)).item())  # host generator: no device sync
+    return Sequence(request, seed, tokenizer.stream_decoder())
+
+
 class _HostIds:
     """Brings each step's sampled ids to the host without stalling the device.
 
@@ -217,17 +232,7 @@ class Scheduler:
 
     def add(self, request: Request) -> Sequence:
         """Queue a request; it joins at the next step."""
-        if len(request.prompt) > self.cache.max_seq:
-            raise GenerationError(f"prompt of {len(request.prompt)} tokens does not fit the KV cache of "
-                                  f"{self.cache.max_seq} positions")
-        vocab = self.engine.config.vocab_size
-        if not 0 <= min(request.prompt) <= max(request.prompt) < vocab:  # C loops: cheap for long prompts
-            bad = [t for t in request.prompt if not 0 <= t < vocab]
-            raise GenerationError(f"prompt token ids must lie in [0, {vocab}), got {bad[:5]}")
-        seed = request.params.seed
-        if seed is None:
-            seed = int(torch.randint(0, 2**62, (1,)).item())  # host generator: no device sync
-        sequence = Sequence(request, seed, self.tokenizer.stream_decoder())
+        sequence = open_sequence(request, self.engine, self.tokenizer, self.cache)
         self.waiting.append(sequence)
         return sequence
 
