@@ -118,7 +118,7 @@ class OLMo2:
     def from_pretrained(cls, path: str | Path, *, device=None, dtype=None, backend: str = "auto",
                         quantize: str | None = None, revision: str | None = None,
                         max_batch_size: int | None = None, max_seq_len: int | None = None,
-                        progress: bool | None = None, cuda_graphs: bool = True) -> "OLMo2":
+                        progress: bool | None = None, cuda_graphs: bool = True, decode_path: str = "auto") -> "OLMo2":
         """Load a Hugging Face OLMo 2 checkpoint (local directory, or hub id with huggingface_hub).
 
         device: "cpu" / "cuda" (default: cuda when available). dtype: bfloat16 / float32 /
@@ -128,7 +128,9 @@ class OLMo2:
         "int4" (group-128 weight-only; the kernels on triton, dequantise-and-matmul on torch).
         max_batch_size / max_seq_len: preallocate the KV cache (default: grown to fit each
         request). progress: progress bar over tensors (default: when stderr is a terminal).
-        cuda_graphs: replay decode steps as CUDA graphs.
+        cuda_graphs: replay decode steps as CUDA graphs. decode_path (backend "triton"): "fused" (five
+        launches per layer, fused_decode.py), "cublas" (cuBLAS projections, unfused kernels) or "auto"
+        (fused where it applies; with CUDA graphs each batch bucket keeps the faster of the two, timed).
         """
         for name, value in (("max_batch_size", max_batch_size), ("max_seq_len", max_seq_len)):
             if value is not None and (isinstance(value, bool) or not isinstance(value, int) or value < 1):
@@ -142,7 +144,8 @@ class OLMo2:
         config = Olmo2Config.from_json_file(directory / CONFIG_FILE)
         tokenizer = Tokenizer(directory, config)
         engine = build_engine(config, iter_checkpoint(directory, config, dtype, device, progress), backend=backend,
-                              device=device, quantize=quantize, cuda_graphs=cuda_graphs)
+                              device=device, quantize=quantize, cuda_graphs=cuda_graphs, decode_path=decode_path,
+                              greedy_vocab=tokenizer.vocab_size)
         return cls(engine, tokenizer, config, device, dtype, backend, directory, max_batch_size, max_seq_len)
 
     def save_pretrained(self, path: str | Path, num_shards: int = 1) -> Path:

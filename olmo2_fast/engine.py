@@ -42,6 +42,10 @@ class Engine(Protocol):
     def release_cache(self):
         """Drop anything that holds on to the current KV cache (captured graphs), before it is freed."""
 
+    def greedy_ids(self, rows: int) -> torch.Tensor | None:
+        """(rows,) int64 argmax ids of the last step's logits when the step computed them itself (the fused
+        decode step's lm_head epilogue), so sampling need not launch anything; None otherwise."""
+
 
 def enable_triton_interpreter():
     """Kernels on a CPU run under Triton's interpreter, which must be switched on before triton is
@@ -69,12 +73,14 @@ def choose_backend(backend: str, device: torch.device) -> str:
 
 
 def build_engine(config: Olmo2Config, tensors: Iterator[tuple[str, torch.Tensor]], *, backend: str,
-                 device: torch.device, quantize: str | None = None, cuda_graphs: bool = True) -> Engine:
+                 device: torch.device, quantize: str | None = None, cuda_graphs: bool = True,
+                 decode_path: str = "auto", greedy_vocab: int | None = None) -> Engine:
     """An engine over (HF name, tensor) pairs as checkpoint.iter_checkpoint yields them.
 
     backend: "torch" or "triton" (see choose_backend). quantize: None or "int4" (weights quantised
     at load; a checkpoint saved quantised needs none). cuda_graphs: on CUDA, the kernel engine
-    replays its decode steps as CUDA graphs (graphs.py).
+    replays its decode steps as CUDA graphs (graphs.py). decode_path (kernels): "fused", "cublas"
+    or "auto" (model.Olmo2Fast). greedy_vocab: the ids greedy decoding may pick (the tokenizer's).
     """
     if backend == "torch":
         from .reference import Olmo2Reference
@@ -83,7 +89,7 @@ def build_engine(config: Olmo2Config, tensors: Iterator[tuple[str, torch.Tensor]
     from .graphs import DecodeGraphs
     from .model import Olmo2Fast  # imports triton: only now, after the interpreter decision
 
-    engine = Olmo2Fast.from_tensors(config, tensors, quantize)
+    engine = Olmo2Fast.from_tensors(config, tensors, quantize, decode_path=decode_path, greedy_vocab=greedy_vocab)
     if device.type == "cuda" and cuda_graphs:
-        engine.graphs = DecodeGraphs(engine.decode_step)
+        engine.graphs = DecodeGraphs(engine.decode_step, candidates=engine.decode_candidates)
     return engine

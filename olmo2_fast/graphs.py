@@ -12,8 +12,8 @@ tested) on a CPU:
   * a recorder turns "run this step" into a `CapturedStep`: `CudaGraphRecorder` with
     `torch.cuda.CUDAGraph`; tests use a fake that re-runs the step on replay
     (tests/fake_graphs.py), driving the same bucket and buffer code.
-The captured step is any callable `step(batch, cache) -> Tensor` (today
-`Olmo2Fast.decode_step`) that reads only the batch's device tensors and the cache: a host
+The captured step is any callable `step(batch, cache) -> Tensor` (Olmo2Fast's fused or
+cuBLAS decode step) that reads only the batch's device tensors and the cache: a host
 value it read (a `.item()`, `host_segments`) would be frozen into the graph; it must not
 autotune either (kernels/int4_matmul.py fixes its decode configs by shape for this).
 
@@ -23,6 +23,7 @@ rounded up to a bucket (`bucket_for`). Batches above the largest bucket decode e
 """
 from __future__ import annotations
 
+import logging
 from dataclasses import dataclass
 from typing import Callable, Protocol
 
@@ -30,8 +31,11 @@ import torch
 
 from .cache import KVCache, StepBatch
 
+logger = logging.getLogger("olmo2_fast")
+
 BUCKETS = (1, 2, 4, 8, 16, 32, 64)
 WARMUP_RUNS = 2  # before a capture: the first launches compile kernels, which must not happen inside it
+TIMED_REPLAYS = 7  # replays per candidate when a bucket times its decode paths against each other
 
 DecodeStep = Callable[[StepBatch, KVCache], torch.Tensor]
 
@@ -89,6 +93,21 @@ class CudaGraphRecorder:
                 graph.replay()
         return CapturedStep(output, replay)
 
+    @staticmethod
+    def time(captured: CapturedStep, replays: int = TIMED_REPLAYS) -> float:
+        """Median seconds of one replay (CUDA events, after one untimed replay)."""
+        device = captured.output.device
+        with torch.cuda.device(device):
+            captured.replay()
+            events = [(torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True))
+                      for _ in range(replays)]
+            for start, end in events:
+                start.record()
+                captured.replay()
+                end.record()
+            torch.cuda.synchronize(device)
+        return sorted(start.elapsed_time(end) for start, end in events)[replays // 2] / 1e3
+
 
 def _set_padding(batch: StepBatch, rows: slice, max_seq: int):
     """Rows no real sequence fills (warm-up, padding) decode token 0 with an empty cache (kv_lens 0:
@@ -143,29 +162,53 @@ class BucketGraph:
 class DecodeGraphs:
     """Decode steps replayed from graphs captured lazily, one per bucket, over one cache.
 
+    `step` decodes eagerly (batches without a bucket); `candidates(rows)`, when given, names the
+    decode steps a bucket of that many rows may capture, preferred first
+    (Olmo2Fast.decode_candidates: the fused step and the cuBLAS one). With more than one,
+    each is captured and the recorder times a few replays of each; the bucket keeps the fastest
+    (logged), so the product is never slower than either path on any card. A recorder that
+    cannot time (the CPU tests' fake) keeps the preferred one.
     A new cache drops the graphs (they address the old cache's memory) and captures again;
     call `release()` before freeing a cache so the graphs do not keep it alive.
     """
 
-    def __init__(self, step: DecodeStep, recorder: GraphRecorder | None = None):
+    def __init__(self, step: DecodeStep, recorder: GraphRecorder | None = None, *,
+                 candidates: Callable[[int], dict[str, DecodeStep]] | None = None):
         self.step = step
+        self.candidates = candidates or (lambda rows: {"decode": step})
         self.recorder = CudaGraphRecorder() if recorder is None else recorder
         self.graphs: dict[int, BucketGraph] = {}
+        self.choices: dict[int, str] = {}  # bucket -> the candidate its graph replays
         self.cache: KVCache | None = None
+        self.last_choice: str | None = None
 
     def replay(self, batch: StepBatch, cache: KVCache) -> torch.Tensor:
         n = batch.input_ids.shape[0]
         size = bucket_for(n)
         if n > BUCKETS[-1] or size > cache.max_batch:  # no bucket, or no spare cache rows to pad it with
+            self.last_choice = next(iter(self.candidates(n)))
             return self.step(batch, cache)
         if cache is not self.cache:
             self.release()
             self.cache = cache
         if size not in self.graphs:
-            self.graphs[size] = BucketGraph(self.step, cache, size, self.recorder)
+            self.choices[size], self.graphs[size] = self._capture(cache, size)
+        self.last_choice = self.choices[size]
         return self.graphs[size].replay(batch)
+
+    def _capture(self, cache: KVCache, size: int) -> tuple[str, BucketGraph]:
+        graphs = {name: BucketGraph(step, cache, size, self.recorder) for name, step in self.candidates(size).items()}
+        timer = getattr(self.recorder, "time", None)
+        if len(graphs) == 1 or timer is None:
+            return next(iter(graphs.items()))
+        seconds = {name: timer(graph.captured) for name, graph in graphs.items()}
+        best = min(seconds, key=seconds.get)
+        logger.info("decode step for batch bucket %d: %s (%s)", size, best,
+                    ", ".join(f"{name} {s * 1e3:.3f} ms" for name, s in seconds.items()))
+        return best, graphs[best]
 
     def release(self):
         """Forget every graph and the cache they were captured over."""
         self.graphs.clear()
+        self.choices.clear()
         self.cache = None

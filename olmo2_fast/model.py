@@ -28,7 +28,8 @@ from . import quantization
 from .checkpoint import expected_shapes, fused_projections
 from .config import Olmo2Config
 from .errors import CheckpointError
-from .graphs import DecodeGraphs, bucket_for
+from .fused_decode import FusedDecode
+from .graphs import DecodeGraphs, DecodeStep, bucket_for
 from .kernels.attention import SUPPORTED_HEAD_DIMS, attention_decode, attention_prefill
 from .kernels.int4_format import Int4Weight
 from .kernels.int4_matmul import int4_matmul
@@ -56,6 +57,7 @@ class LayerWeights:
     post_feedforward_norm: torch.Tensor
 
 
+DECODE_PATHS = ("auto", "fused", "cublas")
 _FIELDS = {"self_attn.qkv_proj": "qkv", "self_attn.o_proj": "o", "mlp.gate_up_proj": "gate_up",
            "mlp.down_proj": "down"}  # checkpoint.fused_projections name -> LayerWeights field
 
@@ -64,14 +66,23 @@ class Olmo2Fast:
     """Kernel-backed engine with the reference's interface: `step(batch, cache)` and `__call__(input_ids)`."""
 
     def __init__(self, config: Olmo2Config, embed: torch.Tensor, layers: list[LayerWeights], norm: torch.Tensor,
-                 lm_head: Weight, quantization=None):
+                 lm_head: Weight, quantization=None, decode_path: str = "auto", greedy_vocab: int | None = None):
+        """decode_path: "fused" (fused_decode.py: five launches per layer), "cublas" (the step below) or
+        "auto" (fused where it applies; with CUDA graphs, each bucket keeps whichever replays faster).
+        greedy_vocab: the ids the fused step's in-kernel argmax may pick (the tokenizer's vocabulary)."""
+        if decode_path not in DECODE_PATHS:
+            raise CheckpointError(f"unknown decode_path {decode_path!r}; choose one of {', '.join(DECODE_PATHS)}")
         self.config, self.embed, self.layers, self.norm, self.lm_head = config, embed, layers, norm, lm_head
         self.quantization = quantization  # the olmo2_fast.quantization method of the projections, or None
+        self.decode_path = decode_path
+        self.greedy_vocab = greedy_vocab or config.vocab_size
+        self.fused = FusedDecode(self)
         self.graphs: DecodeGraphs | None = None  # replays decode steps when set (engine.build_engine: on CUDA)
+        self.last_decode_path: str | None = None  # the path the last decode step took
 
     @classmethod
     def from_tensors(cls, config: Olmo2Config, tensors: Iterator[tuple[str, torch.Tensor]],
-                     quantize: str | None = None) -> "Olmo2Fast":
+                     quantize: str | None = None, **options) -> "Olmo2Fast":
         """Build from (HF name, tensor) pairs as checkpoint.iter_checkpoint yields them, fusing q/k/v and
         gate/up per layer as soon as a layer's pieces have arrived (so memory peaks at one extra layer)."""
         method = quantization.method(quantize)
@@ -113,7 +124,7 @@ class Olmo2Fast:
                 )
         embed = top["model.embed_tokens.weight"]
         lm_head = embed if config.tie_word_embeddings else top["lm_head.weight"]
-        return cls(config, embed, layers, top["model.norm.weight"], lm_head, method or saved)
+        return cls(config, embed, layers, top["model.norm.weight"], lm_head, method or saved, **options)
 
     def checkpoint_tensors(self) -> tuple[Olmo2Config, dict[str, torch.Tensor]]:
         """(config, tensors by checkpoint name) to save: HF names when unquantised; the fused layout of the
@@ -143,20 +154,48 @@ class Olmo2Fast:
     def release_cache(self):
         if self.graphs is not None:
             self.graphs.release()
+        self.fused.release()
 
     # ------------------------------------------------------------------ forward
 
     def step(self, batch: StepBatch, cache: KVCache) -> torch.Tensor:
         """Packed tokens of B sequences -> logits (len(batch.last_token_rows), vocab); k/v go into the cache."""
         decode = batch.max_q_len == 1 and len(batch.host_segments) == batch.input_ids.shape[0]
-        if decode and self.graphs is not None:
-            return self.graphs.replay(batch, cache)
-        return self.forward(batch, cache, decode)
+        if not decode:
+            self.last_decode_path = None
+            return self.forward(batch, cache, decode=False)
+        if self.graphs is not None:
+            logits = self.graphs.replay(batch, cache)
+            self.last_decode_path = self.graphs.last_choice
+            return logits
+        return self.decode_step(batch, cache)
+
+    def decode_candidates(self, rows: int) -> dict[str, DecodeStep]:
+        """The decode steps a batch of `rows` may take, preferred first: what CUDA graphs time against each
+        other per bucket. Each reads only the batch's device tensors and launches no autotuned kernel."""
+        fused = self.decode_path != "cublas" and self.fused.supports(rows)
+        if self.decode_path == "fused" and not fused:
+            raise CheckpointError(f"decode_path='fused' does not apply to this step ({rows} rows, "
+                                  f"{'int4 weights, ' if self.quantization else ''}head_dim {self.config.head_dim}, "
+                                  f"{self.embed.dtype}): use decode_path='auto' or 'cublas'")
+        steps = {"fused": self.fused} if fused else {}
+        if self.decode_path != "fused":
+            steps["cublas"] = self.cublas_decode_step
+        return steps
 
     def decode_step(self, batch: StepBatch, cache: KVCache) -> torch.Tensor:
-        """One token per sequence -> logits (B, vocab): what a CUDA graph captures. Reads only the batch's
-        device tensors (never host_segments) and launches no autotuned kernel."""
+        """One token per sequence -> logits (B, vocab), on the preferred path for the batch."""
+        name, step = next(iter(self.decode_candidates(batch.input_ids.shape[0]).items()))
+        self.last_decode_path = name
+        return step(batch, cache)
+
+    def cublas_decode_step(self, batch: StepBatch, cache: KVCache) -> torch.Tensor:
+        """One token per sequence on cuBLAS projections and the unfused kernels (~10 launches per layer)."""
         return self.forward(batch, cache, decode=True)
+
+    def greedy_ids(self, rows: int) -> torch.Tensor | None:
+        """The argmax ids of the last decode step when its path computed them in-kernel, else None."""
+        return self.fused.greedy_ids(rows) if self.last_decode_path == "fused" else None
 
     def forward(self, batch: StepBatch, cache: KVCache, decode: bool) -> torch.Tensor:
         cfg = self.config

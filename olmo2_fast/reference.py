@@ -290,6 +290,9 @@ class Olmo2Reference(nn.Module):
     def release_cache(self):
         pass  # nothing here holds a cache between steps
 
+    def greedy_ids(self, rows: int) -> None:
+        return None  # logits only: the scheduler samples
+
     def lm_head_weight(self) -> torch.Tensor:
         return self.model.embed_tokens.weight if self.config.tie_word_embeddings else self.lm_head.weight
 

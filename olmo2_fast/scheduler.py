@@ -337,9 +337,16 @@ class Scheduler:
         position p of a request is a function of its seed and p alone."""
         vocab = self.tokenizer.vocab_size
         n = logits.shape[0]
+        sequences = self.running
+        wanted = [s.request.logprobs for s in sequences if s.request.logprobs is not None]
+        plain_greedy = not wanted and all(s.request.params.greedy and s.request.params.repetition_penalty == 1.0
+                                          for s in sequences)
+        greedy = self.engine.greedy_ids(n) if plain_greedy else None
+        if greedy is not None:  # the step's own argmax (over the tokenizer's vocabulary): nothing to sample
+            # argmax picks a NaN or +inf logit when there is one, so checking the chosen logit suffices.
+            return torch.where(torch.isfinite(logits.gather(1, greedy[:, None])[:, 0]), greedy, -1), None
         full = logits.float()
         logits = full[:, :vocab]
-        sequences = self.running
         ids = torch.empty(n, dtype=torch.int64, device=logits.device)
         groups: dict[tuple, tuple[SamplingParams, list[int]]] = {}
         for row, sequence in enumerate(sequences):
@@ -361,7 +368,6 @@ class Scheduler:
             self.seen[:n].scatter_(1, ids[:, None], True)
         ids = torch.where(torch.isfinite(logits).all(-1), ids, -1)
         logprobs = None
-        wanted = [s.request.logprobs for s in sequences if s.request.logprobs is not None]
         if wanted:
             log_probs = torch.log_softmax(full, -1)  # the model's distribution, as prompt scoring computes it
             top = torch.topk(log_probs[:, :vocab], max(max(wanted), 1), dim=-1)

@@ -1,0 +1,189 @@
+"""The fused decode step (olmo2_fast/fused_decode.py): numerics against the reference, generation
+token for token, the path choice, and the launch budget at the published widths (launches recorded
+under the interpreter, not executed)."""
+import copy
+
+import pytest
+import torch
+
+from checkpoints import make_checkpoint
+from fake_graphs import FakeGraphRecorder
+from harness import DEVICE, INTERPRETED, assert_close_to_ref
+from launch_plan import record_launches
+from olmo2_fast import OLMo2
+from olmo2_fast.cache import KVCache, StepBatch
+from olmo2_fast.config import PRESETS
+from olmo2_fast.errors import CheckpointError
+from olmo2_fast.graphs import DecodeGraphs
+from olmo2_fast.model import LayerWeights, Olmo2Fast
+
+SHAPES = {  # head_dim >= 16 for the kernels; MHA, GQA with a group of 5, odd widths, tied + linear RoPE
+    "mha": dict(hidden_size=64, num_attention_heads=4, num_key_value_heads=4, intermediate_size=100),
+    "gqa5": dict(hidden_size=160, num_attention_heads=10, num_key_value_heads=2, intermediate_size=136),
+    "tied_rope": dict(hidden_size=64, num_attention_heads=4, num_key_value_heads=2, intermediate_size=72,
+                      tie_word_embeddings=True, rope_scaling_factor=2.0),
+}
+PROMPTS = ["The capital of France is", "Once upon a time", "A key-value cache keeps the keys of earlier tokens"]
+
+
+@pytest.fixture(autouse=True)
+def few_sms(request, monkeypatch):
+    """Plan the kernels for an 8-SM card: under the interpreter every program runs in turn, and the
+    132-SM plan's hundreds of programs per launch make a tiny model's step take seconds. The launch
+    budget test keeps the H100 plan."""
+    if "published" in request.node.name or not INTERPRETED:
+        return
+    import olmo2_fast.kernels.decode_gemv as gemv
+    import olmo2_fast.kernels.fused_attention_decode as attention
+    for module in (gemv, attention):
+        monkeypatch.setattr(module, "_sm_count", lambda device: 8)
+
+
+@pytest.fixture(scope="module", params=sorted(SHAPES))
+def checkpoint(request, tmp_path_factory):
+    return make_checkpoint(tmp_path_factory.mktemp(request.param), seed=41, max_position_embeddings=64,
+                           num_hidden_layers=1, **SHAPES[request.param])  # one layer: interpreted launches are slow
+
+
+def engines(path, dtype="float32"):
+    fused = OLMo2.from_pretrained(path, device=DEVICE, dtype=dtype, backend="triton", decode_path="fused")
+    ref = OLMo2.from_pretrained(path, device=DEVICE, dtype=dtype, backend="torch")
+    return fused, ref
+
+
+@pytest.mark.parametrize("dtype", ["float32", "bfloat16"])
+def test_decode_steps_match_the_reference_to_the_cache_end(checkpoint, dtype):
+    if dtype == "bfloat16" and checkpoint.name.startswith("mha"):
+        pytest.skip("bf16 runs on the GQA shapes only, to keep the interpreted suite short")
+    """Logits of each decode step, and the caches, against a float64 oracle (the reference model in float64
+    on the same rounded weights) by the harness rule: err <= 2 * err(the torch backend, same dtype) + atol."""
+    fast, ref = engines(checkpoint, dtype)
+    oracle = copy.deepcopy(ref.engine).double()
+    torch_dtype = getattr(torch, dtype)
+    max_seq = 24
+    runs = [(fast.engine, KVCache(fast.config, 3, max_seq, torch_dtype, DEVICE)),
+            (ref.engine, KVCache(fast.config, 3, max_seq, torch_dtype, DEVICE)),
+            (oracle, KVCache(fast.config, 3, max_seq, torch.float64, DEVICE))]
+    prompts = [[5, 6, 7], [8] * 21, [9, 10]]  # cached lengths 3, 21 and 2 after the prefill
+    lengths = [len(p) for p in prompts]
+    with torch.inference_mode():
+        for engine, cache in runs:
+            engine.step(StepBatch.build(prompts, [0, 0, 0], DEVICE), cache)
+        for step in range(3):  # the middle sequence reaches the cache's last slot on the third step
+            ids = torch.tensor([11 + step, 12 + step, 13 + step], device=DEVICE)
+            positions = torch.tensor(lengths, dtype=torch.int32, device=DEVICE)
+            batch = StepBatch.decode(ids, positions, lengths)
+            got, baseline, exact = (engine.step(batch, cache) for engine, cache in runs)
+            assert fast.engine.last_decode_path == "fused"
+            assert_close_to_ref(got, exact, baseline)
+            lengths = [n + 1 for n in lengths]
+    assert lengths[1] == max_seq
+    for name in ("k", "v"):
+        got, baseline, exact = (getattr(cache, name) for _, cache in runs)
+        assert_close_to_ref(got, exact, baseline)
+
+
+def test_generation_equals_the_reference_token_for_token(checkpoint):
+    fast, ref = engines(checkpoint)
+    assert fast.generate(PROMPTS[1:], max_new_tokens=4) == ref.generate(PROMPTS[1:], max_new_tokens=4)
+    sampled = dict(max_new_tokens=3, temperature=0.9, top_p=0.95, seed=5)
+    assert fast.generate(PROMPTS[0], **sampled) == ref.generate(PROMPTS[0], **sampled)
+
+
+def test_sixteen_rows_take_the_fused_path(tmp_path):
+    path = make_checkpoint(tmp_path, seed=42, num_hidden_layers=1, **SHAPES["mha"])
+    fast, ref = engines(path)
+    prompts = [[(3 * i) % 400 + 2, (5 * i) % 400 + 7][: 1 + i % 2] for i in range(16)]
+    assert fast.generate(prompts, max_new_tokens=2) == ref.generate(prompts, max_new_tokens=2)
+    assert fast.engine.last_decode_path == "fused"
+
+
+def test_the_path_choice(tmp_path):
+    path = make_checkpoint(tmp_path, seed=43, num_hidden_layers=1, **SHAPES["mha"])
+    auto = OLMo2.from_pretrained(path, device=DEVICE, backend="triton")
+    assert list(auto.engine.decode_candidates(1)) == ["fused", "cublas"]      # graphs time both
+    assert list(auto.engine.decode_candidates(17)) == ["cublas"]               # the GEMV takes <= 16 rows
+    cublas = OLMo2.from_pretrained(path, device=DEVICE, backend="triton", decode_path="cublas")
+    assert list(cublas.engine.decode_candidates(1)) == ["cublas"]
+    assert auto.generate(PROMPTS[0], max_new_tokens=3) == cublas.generate(PROMPTS[0], max_new_tokens=3)
+    int4 = make_checkpoint(tmp_path / "int4", seed=44, hidden_size=128, intermediate_size=128,
+                           num_attention_heads=4, num_key_value_heads=2, num_hidden_layers=1)
+    quantized = OLMo2.from_pretrained(int4, device=DEVICE, backend="triton", quantize="int4")
+    assert list(quantized.engine.decode_candidates(1)) == ["cublas"]  # the GEMV has no int4 format yet
+    with pytest.raises(CheckpointError, match="decode_path='fused' does not apply"):
+        OLMo2.from_pretrained(int4, device=DEVICE, backend="triton", quantize="int4",
+                              decode_path="fused").generate("hi", max_new_tokens=2)
+    with pytest.raises(CheckpointError, match="unknown decode_path 'fast'"):
+        OLMo2.from_pretrained(path, device=DEVICE, backend="triton", decode_path="fast")
+
+
+class TimedFake(FakeGraphRecorder):
+    """A fake recorder that can time: a bucket captures its candidates in order (fused, then cuBLAS), and
+    each capture's replay "takes" the seconds listed for its place in that order."""
+
+    def __init__(self, seconds):
+        super().__init__()
+        self.seconds, self.order = seconds, []
+
+    def capture(self, step, device):
+        captured = super().capture(step, device)
+        self.order.append(captured)
+        return captured
+
+    def time(self, captured):
+        place = next(i for i, c in enumerate(self.order) if c is captured)
+        return self.seconds[place % len(self.seconds)]
+
+
+@pytest.mark.parametrize("seconds, kept", [((2e-3, 1e-3), "cublas"), ((1e-3, 2e-3), "fused")])
+def test_graphs_keep_the_faster_path_per_bucket(tmp_path, caplog, seconds, kept):
+    path = make_checkpoint(tmp_path, seed=45, num_hidden_layers=1, **SHAPES["mha"])
+    model = OLMo2.from_pretrained(path, device=DEVICE, backend="triton")
+    expected = model.generate(PROMPTS[0], max_new_tokens=3)  # eager
+    graphs = DecodeGraphs(model.engine.decode_step, TimedFake(seconds), candidates=model.engine.decode_candidates)
+    model.engine.graphs = graphs
+    with caplog.at_level("INFO", logger="olmo2_fast"):
+        assert model.generate(PROMPTS[0], max_new_tokens=3) == expected
+    assert graphs.choices == {1: kept} and model.engine.last_decode_path == kept
+    assert (f"decode step for batch bucket 1: {kept} (fused {seconds[0] * 1e3:.3f} ms, "
+            f"cublas {seconds[1] * 1e3:.3f} ms)") in caplog.text
+
+
+# ---------------------------------------------------------------- the launch budget at the published widths
+
+
+def published_engine(name: str, dtype=torch.bfloat16) -> Olmo2Fast:
+    """Two layers at a published model's widths, weights allocated but never touched (recorded launches
+    read nothing), so the plan of a real decode step costs seconds and no memory."""
+    cfg = PRESETS[name].with_(num_hidden_layers=2)
+    h, i, qkv_n = cfg.hidden_size, cfg.intermediate_size, cfg.q_width + 2 * cfg.kv_width
+
+    def empty(*shape):
+        return torch.empty(*shape, dtype=dtype)
+    layers = [LayerWeights(qkv=empty(qkv_n, h), q_norm=empty(cfg.q_width), k_norm=empty(cfg.kv_width),
+                           o=empty(h, cfg.q_width), gate_up=empty(2 * i, h), down=empty(h, i),
+                           post_attention_norm=empty(h), post_feedforward_norm=empty(h))
+              for _ in range(cfg.num_hidden_layers)]
+    return Olmo2Fast(cfg, empty(cfg.vocab_size, h), layers, empty(h), empty(cfg.vocab_size, h),
+                     decode_path="fused", greedy_vocab=100278)
+
+
+@pytest.mark.skipif(not INTERPRETED, reason="records launches through Triton's interpreter")
+@pytest.mark.parametrize("context", [512, 4000])
+@pytest.mark.parametrize("size", ["1b", "7b", "13b", "32b"])
+def test_a_decode_step_at_published_widths_is_five_launches_per_layer_each_filling_an_h100(size, context):
+    engine = published_engine(size)
+    cache = KVCache(engine.config, 1, 4096, torch.bfloat16, "cpu")
+    batch = StepBatch.decode(torch.zeros(1, dtype=torch.int64), torch.tensor([context - 1], dtype=torch.int32),
+                             [context - 1])
+    engine.fused.prepare(1, cache)  # the workspaces: allocated before the step, as the graphs' warm-up does
+    with record_launches() as plan:
+        engine.step(batch, cache)
+    layers = engine.config.num_hidden_layers
+    assert engine.last_decode_path == "fused"
+    assert plan.torch_ops == [] and plan.host_syncs == []
+    per_layer = [launch.kernel for launch in plan.launches[:-1]]
+    assert len(per_layer) == 5 * layers, per_layer                  # <= 5 per layer
+    assert [launch.kernel for launch in plan.launches[-1:]] == ["_decode_gemv_kernel"]  # + lm_head: 1 per token
+    small = [(launch.kernel, launch.grid) for launch in plan.launches if launch.programs < 132]
+    assert not small, small                                         # every launch fills an H100's 132 SMs
