@@ -19,6 +19,7 @@ from .errors import CheckpointError, GenerationError
 from .sampling import SamplingParams
 from .scheduler import Request, Scheduler
 from .scheduler import Sequence as RunningSequence
+from .speculative import Speculation, SpeculativeDecoder
 from .tokenizer import Tokenizer
 
 logger = logging.getLogger("olmo2_fast")
@@ -103,9 +104,10 @@ class OLMo2:
 
     def __init__(self, engine: Engine, tokenizer: Tokenizer, config: Olmo2Config, device: torch.device,
                  dtype: torch.dtype, backend: str, source_dir: Path, max_batch_size: int | None = None,
-                 max_seq_len: int | None = None):
+                 max_seq_len: int | None = None, speculation: Speculation | None = None):
         self.engine, self.tokenizer, self.config, self.source_dir = engine, tokenizer, config, source_dir
         self.device, self.dtype, self.backend = device, dtype, backend
+        self.speculation = speculation
         self._cache: KVCache | None = None
         self._scheduler: Scheduler | None = None
         self._lock = threading.Lock()
@@ -118,7 +120,8 @@ class OLMo2:
     def from_pretrained(cls, path: str | Path, *, device=None, dtype=None, backend: str = "auto",
                         quantize: str | None = None, revision: str | None = None,
                         max_batch_size: int | None = None, max_seq_len: int | None = None,
-                        progress: bool | None = None, cuda_graphs: bool = True, decode_path: str = "auto") -> "OLMo2":
+                        progress: bool | None = None, cuda_graphs: bool = True, decode_path: str = "auto", draft=None,
+                        num_speculative_tokens: int | None = None, prompt_lookup: int | None = None) -> "OLMo2":
         """Load a Hugging Face OLMo 2 checkpoint (local directory, or hub id with huggingface_hub).
 
         device: "cpu" / "cuda" (default: cuda when available). dtype: bfloat16 / float32 /
@@ -131,6 +134,10 @@ class OLMo2:
         cuda_graphs: replay decode steps as CUDA graphs. decode_path (backend "triton"): "fused" (five
         launches per layer, fused_decode.py), "cublas" (cuBLAS projections, unfused kernels) or "auto"
         (fused where it applies; with CUDA graphs each batch bucket keeps the faster of the two, timed).
+        Speculative decoding of single prompts (speculative.py): draft, a checkpoint path or an OLMo2 with
+        the same tokenizer (a path loads with this model's device, dtype, backend and quantize), or
+        prompt_lookup=N, drafting from earlier occurrences of the last N tokens; num_speculative_tokens:
+        drafts per target forward (default: speculative.DEFAULT_DRAFT_TOKENS / DEFAULT_LOOKUP_TOKENS).
         """
         for name, value in (("max_batch_size", max_batch_size), ("max_seq_len", max_seq_len)):
             if value is not None and (isinstance(value, bool) or not isinstance(value, int) or value < 1):
@@ -143,10 +150,16 @@ class OLMo2:
         directory = resolve_checkpoint(path, revision)
         config = Olmo2Config.from_json_file(directory / CONFIG_FILE)
         tokenizer = Tokenizer(directory, config)
+        speculation = Speculation.configure(  # before the target's weights: a refused draft fails fast
+            directory, config, device, draft, num_speculative_tokens, prompt_lookup,
+            load_draft=lambda path: cls.from_pretrained(path, device=device, dtype=dtype, backend=backend,
+                                                        quantize=quantize, progress=progress, cuda_graphs=cuda_graphs,
+                                                        decode_path=decode_path))
         engine = build_engine(config, iter_checkpoint(directory, config, dtype, device, progress), backend=backend,
                               device=device, quantize=quantize, cuda_graphs=cuda_graphs, decode_path=decode_path,
                               greedy_vocab=tokenizer.vocab_size)
-        return cls(engine, tokenizer, config, device, dtype, backend, directory, max_batch_size, max_seq_len)
+        return cls(engine, tokenizer, config, device, dtype, backend, directory, max_batch_size, max_seq_len,
+                   speculation)
 
     def save_pretrained(self, path: str | Path, num_shards: int = 1) -> Path:
         """Write the model as a checkpoint directory that from_pretrained loads: config.json, safetensors
@@ -282,10 +295,12 @@ class OLMo2:
         if self._owner == me:
             raise GenerationError("this model is already generating in this thread (an unfinished stream): finish "
                                   "or close that stream first, or load a second OLMo2 for concurrent generations")
+        draft = self.speculation.draft if self.speculation is not None else None
         with self._lock:
             self._owner = me
             try:
-                yield
+                with draft._exclusive() if draft is not None else contextlib.nullcontext():  # its cache is in use
+                    yield
             finally:
                 self._owner = None
 
@@ -308,7 +323,14 @@ class OLMo2:
         # The last new token never enters the cache: a prompt of P tokens with N new ones needs P + N - 1 positions.
         need = max(len(r.prompt) + r.max_new_tokens - 1 for r in requests)
         cache = self._cache_for(len(requests), min(need, self.config.max_position_embeddings))
-        if self._scheduler is None or self._scheduler.cache is not cache:
+        if self.speculation is not None and len(requests) == 1:  # a batch decodes without speculation
+            draft = self.speculation.draft
+            draft_cache = draft._cache_for(1, cache.max_seq) if draft is not None else None
+            decoder = self._scheduler
+            if not (isinstance(decoder, SpeculativeDecoder) and decoder.cache is cache
+                    and decoder.draft_cache is draft_cache):
+                self._scheduler = SpeculativeDecoder(self.engine, self.tokenizer, cache, self.speculation, draft_cache)
+        elif not isinstance(self._scheduler, Scheduler) or self._scheduler.cache is not cache:
             self._scheduler = Scheduler(self.engine, self.tokenizer, cache)
         return [self._scheduler.add(r) for r in requests]
 
