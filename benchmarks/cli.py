@@ -74,6 +74,15 @@ def add_bench_parser(commands):
     generate.add_argument("--new-tokens", type=int, metavar="N", help="tokens per run (default 128; smoke 8)")
     generate.add_argument("--warmup", type=int, default=1, metavar="N", help="untimed runs per shape (default 1)")
     generate.add_argument("--rep", type=int, default=3, metavar="N", help="timed runs per shape (default 3)")
+    speculation = generate.add_argument_group(
+        "speculative decoding", "with --draft or --prompt-lookup: batch 1 on --prompt, plain and speculative "
+        "greedy decoding of the --model side by side (acceptance, tokens per target forward, tokens/s)")
+    drafting = speculation.add_mutually_exclusive_group()
+    drafting.add_argument("--draft", metavar="PATH", help="a draft model for --model (same tokenizer)")
+    drafting.add_argument("--prompt-lookup", type=int, metavar="N", help="prompt lookup of N-grams")
+    speculation.add_argument("--num-speculative-tokens", nargs="+", type=_int_list, metavar="K",
+                             help="drafts per target forward, one row each, e.g. 1 2 4 (default: the library's)")
+    speculation.add_argument("--prompt", help="the prompt (default: a short function given twice, begun a third time)")
     generate.set_defaults(func=cmd_bench_generate)
 
     from .serve import add_serve_bench_parser  # `bench serve`: the OpenAI server under concurrent clients
@@ -148,6 +157,8 @@ def cmd_bench_kernels(args) -> int:
 
 
 def cmd_bench_generate(args) -> int:
+    if args.draft or args.prompt_lookup:
+        return cmd_bench_speculative(args)
     env, device, dtype, notes = _environment(args)
     from olmo2_fast.checkpoint import CONFIG_FILE, iter_checkpoint, resolve_checkpoint
     from olmo2_fast.config import Olmo2Config
@@ -187,5 +198,38 @@ def cmd_bench_generate(args) -> int:
                         on_rows=lambda so_far: _save(args, "generate", env, so_far, complete=False))
     print_report(f"olmo2-fast bench generate: {label}, {common['dtype']}, {new_tokens} new tokens per run", env, rows,
                  CPU_COLUMNS if env.mode == "cpu-smoke" else COLUMNS, notes)
+    _save(args, "generate", env, rows)
+    return 0
+
+
+def cmd_bench_speculative(args) -> int:
+    env, device, dtype, notes = _environment(args)
+    from olmo2_fast.api import OLMo2
+    from olmo2_fast.speculative import DEFAULT_DRAFT_TOKENS, DEFAULT_LOOKUP_TOKENS
+
+    from .report import print_report
+    from .speculative import COLUMNS, CPU_COLUMNS, PROMPT, machine_note, run_speculative
+
+    if not args.model:
+        raise ConfigError("bench generate --draft / --prompt-lookup needs --model PATH, the target checkpoint")
+    new_tokens = args.new_tokens or (64 if env.smoke else 128)
+    if new_tokens < 2 or args.warmup < 0 or args.rep < 1:
+        raise ConfigError("--new-tokens must be >= 2 (decode speed needs two tokens), --warmup >= 0 and --rep >= 1")
+    target = OLMo2.from_pretrained(args.model, device=device, dtype=dtype, draft=args.draft,
+                                   prompt_lookup=args.prompt_lookup)
+    speculation = target.speculation
+    default = DEFAULT_DRAFT_TOKENS if args.draft else DEFAULT_LOOKUP_TOKENS
+    ks = _flat(args.num_speculative_tokens) or [default]
+    rows = run_speculative(target, speculation.draft, speculation.prompt_lookup, ks, args.prompt or PROMPT,
+                           new_tokens, args.warmup, args.rep)
+    common = {"model": str(args.model), "dtype": str(dtype).removeprefix("torch.")}
+    for row in rows:
+        row.update(common)
+        row.update(env.fields())
+    notes.append("greedy, batch 1, no EOS (every run makes --new-tokens tokens); plain and speculative runs alternate")
+    if not env.on_gpu:
+        notes.append(machine_note())
+    print_report(f"olmo2-fast bench generate, speculative: {args.model}, {common['dtype']}, {new_tokens} new tokens "
+                 "per run", env, rows, CPU_COLUMNS if env.mode == "cpu-smoke" else COLUMNS, notes)
     _save(args, "generate", env, rows)
     return 0

@@ -27,6 +27,13 @@ def add_model_args(parser: argparse.ArgumentParser):
     parser.add_argument("--backend", default="auto",
                         help="triton, torch or auto (default: triton on CUDA, torch on CPU)")
     parser.add_argument("--int4", action="store_true", help="int4 group-128 weight-only quantisation")
+    speculation = parser.add_argument_group("speculative decoding (one prompt at a time; output as without it)")
+    drafting = speculation.add_mutually_exclusive_group()
+    drafting.add_argument("--draft", metavar="PATH", help="a smaller checkpoint with the same tokenizer drafts tokens")
+    drafting.add_argument("--prompt-lookup", type=int, metavar="N",
+                          help="draft what followed the last earlier occurrence of the last N tokens (no draft model)")
+    speculation.add_argument("--num-speculative-tokens", type=int, metavar="K",
+                             help="drafts verified per target forward (default 4 with --draft, 6 with --prompt-lookup)")
 
 
 def _add_sampling_args(parser: argparse.ArgumentParser):
@@ -56,9 +63,14 @@ def load_model(args):
         path, description = demo_model()
         print(f"[olmo2-fast] no --model given: using {description}", file=sys.stderr)
     model = OLMo2.from_pretrained(path, device=args.device, dtype=args.dtype, backend=args.backend,
-                                  revision=args.revision, quantize="int4" if args.int4 else None)
+                                  revision=args.revision, quantize="int4" if args.int4 else None, draft=args.draft,
+                                  num_speculative_tokens=args.num_speculative_tokens, prompt_lookup=args.prompt_lookup)
+    spec = model.speculation
+    drafting = "" if spec is None else (f", speculative: {spec.num_tokens} drafts per step from "
+                                        + (f"{args.draft}" if spec.draft is not None else
+                                           f"prompt lookup of {spec.prompt_lookup}-grams"))
     print(f"[olmo2-fast] {model.config.num_hidden_layers} layers, hidden {model.config.hidden_size}, "
-          f"{model.dtype} on {model.device}, backend {model.backend}" + (", int4" if args.int4 else ""),
+          f"{model.dtype} on {model.device}, backend {model.backend}" + (", int4" if args.int4 else "") + drafting,
           file=sys.stderr)
     return model
 

@@ -97,11 +97,12 @@ def tokenizer_difference(target: dict, draft: dict) -> str | None:
     tm, dm = target.get("model", {}), draft.get("model", {})
     tv, dv = tm.get("vocab", {}), dm.get("vocab", {})
     if tv != dv:
-        differ = sorted(set(tv.items()) ^ set(dv.items()), key=lambda kv: kv[1])
-        token = differ[0][0]
-        return (f"the vocabularies differ ({len(tv)} and {len(dv)} entries; {len(set(tv.items()) - set(dv.items()))} "
-                f"target entries are not in the draft's), e.g. {token!r} is {tv.get(token)} in the target and "
-                f"{dv.get(token)} in the draft")
+        token = min(set(tv.items()) ^ set(dv.items()), key=lambda entry: entry[1])[0]  # the lowest id that differs
+
+        def id_in(vocab):
+            return f"id {vocab[token]}" if token in vocab else "absent"
+        return (f"the vocabularies differ ({len(tv)} and {len(dv)} entries, {len(tv.items() - dv.items())} of the "
+                f"target's not the draft's), e.g. {token!r} is {id_in(tv)} in the target and {id_in(dv)} in the draft")
     tmerges, dmerges = [_merge(e) for e in tm.get("merges", [])], [_merge(e) for e in dm.get("merges", [])]
     if tmerges != dmerges:
         first = next((i for i, (a, b) in enumerate(zip(tmerges, dmerges)) if a != b), min(len(tmerges), len(dmerges)))

@@ -34,10 +34,14 @@ from .speculative_sampling import accept
 from .tokenizer import Tokenizer
 
 # Drafts per round when num_speculative_tokens is not given, from the sweep on the trained demo pair
-# (README, "Speculative decoding"): acceptance falls with each further draft, and past these the extra
-# draft steps (draft model) or verify rows (prompt lookup) cost more than the tokens they add.
+# (README, "Speculative decoding"). Prompt lookup: 6, the fastest or within 6% of it on both prompts
+# measured (its drafts cost nothing; more rows per verify did not pay on the CPU). Draft model: 4, where
+# the measured tokens per target forward, divided by the cost of the round at a draft step of 0.15-0.25
+# target forwards (a 1B drafting for a 7B, by weight bytes, with the verify rows free as at batch 1 on
+# a GPU), peaks (k = 3..5). On the CPU, where a draft step costs ~0.45 of a target forward and each
+# verify row adds compute, k = 1 measured fastest: pass num_speculative_tokens there.
 DEFAULT_DRAFT_TOKENS = 4
-DEFAULT_LOOKUP_TOKENS = 4
+DEFAULT_LOOKUP_TOKENS = 6
 
 
 @dataclass(frozen=True)
@@ -103,11 +107,14 @@ class SpeculativeDecoder:
 
     def __init__(self, engine, tokenizer: Tokenizer, cache: KVCache, speculation: Speculation,
                  draft_cache: KVCache | None = None):
-        """draft_cache: the draft model's cache (row 0 used), with at least the target cache's positions."""
+        """draft_cache: the draft model's cache (row 0 used), at least as long as `cache`; default: a new one."""
+        draft = speculation.draft
+        if draft is not None and draft_cache is None:
+            draft_cache = KVCache(draft.config, draft.engine.cache_rows(1), cache.max_seq, draft.dtype, draft.device)
         self.engine, self.tokenizer, self.cache, self.draft_cache = engine, tokenizer, cache, draft_cache
         self.k = speculation.num_tokens
         self.lookup_n = speculation.prompt_lookup
-        self.draft = DraftModel(speculation.draft.engine, draft_cache) if speculation.draft is not None else None
+        self.draft = DraftModel(draft.engine, draft_cache) if draft is not None else None
         self.device = cache.k.device
         graphs = getattr(engine, "graphs", None)  # the verify graph records the way the engine's decode graphs do
         self.graph = ChunkGraph(engine.step, cache, self.k + 1, graphs.recorder) if graphs is not None else None
@@ -157,7 +164,7 @@ class SpeculativeDecoder:
         if self.draft is not None:
             self.draft.length = _common_prefix(self.draft_held, prompt) if reuse else 0
         self.running = [sequence]
-        self.context = prompt                  # prompt and every token emitted, the dropped ones too
+        self.context = prompt                  # prompt and every token emitted, the dropped ones too (a copy)
         self.emitted, self.emitted_from = None, 0  # the last round's tokens on the device, from context[emitted_from]
         self.lookup = PromptLookup(self.lookup_n) if self.lookup_n is not None else None
         self.seed = torch.tensor([sequence.seed], device=self.device)
@@ -207,7 +214,7 @@ class SpeculativeDecoder:
         if self.draft is not None:
             self.draft.keep(n + kept)
         self.emitted, self.emitted_from = outcome[1:kept + 2], n
-        self.context = self.context + tokens
+        self.context.extend(tokens)
         if self.seen is not None:
             self.seen.index_fill_(0, self.emitted.clamp(min=0), True)
         for i, token in enumerate(tokens):

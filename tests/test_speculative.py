@@ -10,6 +10,8 @@ three, so rounds keep some drafts and reject others), "other" a model of another
 almost never agrees: every round rejects), "self" the target itself (every draft kept: each round ends
 with the catch-up of two tokens).
 """
+import json
+
 import pytest
 import torch
 from safetensors.torch import load_file
@@ -93,9 +95,12 @@ def test_greedy_output_equals_plain_greedy(plain, speculative):
 def test_rounds_keep_and_reject_drafts_as_each_drafter_should(paths, plain):
     def stats(**options):
         model = OLMo2.from_pretrained(paths["target"], device="cpu", **options)
+        model.tokenizer.eos_ids = ()  # every generation makes its 40 tokens
         for prompt in PROMPTS:
             model.generate(prompt, max_new_tokens=40)
-        return model._scheduler.stats
+        counts = model._scheduler.stats
+        assert counts.tokens == len(PROMPTS) * 40  # no round drafts past max_new_tokens
+        return counts
     every = stats(draft=paths["target"], num_speculative_tokens=2)
     assert every.accepted == every.drafted > 0 and every.tokens_per_forward > 2.5  # 3 tokens per round but the last
     some = stats(draft=paths["noisy"], num_speculative_tokens=4)
@@ -221,6 +226,17 @@ def test_a_batch_decodes_without_speculation_and_single_prompts_resume_it(plain,
     assert isinstance(model._scheduler, SpeculativeDecoder)
 
 
+def test_a_chat_session_replies_as_without_and_reuses_its_cache(plain, paths):
+    model = OLMo2.from_pretrained(paths["target"], device="cpu", draft=paths["noisy"])
+    replies, reused = [], []
+    for m in (plain, model):
+        session = m.chat_session("Be brief.", max_new_tokens=12)
+        replies.append(["".join(session.send(turn)) for turn in ("Hello", "And then?")])
+        reused.append(session.last_result.cached_prompt_tokens)
+    # The plain loop may also have cached the reply's last token (a step queued before it was read).
+    assert replies[0] == replies[1] and reused[0] - 1 <= reused[1] > 0
+
+
 def test_prompt_lookup_proposes_what_followed_the_most_recent_occurrence():
     lookup = PromptLookup(2)
     assert lookup.propose([1, 2, 3, 4, 1, 2, 5, 6, 1, 2], 3) == [5, 6, 1]  # the later of two matches
@@ -259,3 +275,89 @@ def test_kernels_greedy_equals_plain_with_graphed_draft_and_verify_steps(small):
     assert list(draft.engine.graphs.graphs) == [1]  # the draft's decode steps replayed its own graphs
     lookup = graphed(target, prompt_lookup=1, num_speculative_tokens=3)
     assert lookup.generate(prompt, max_new_tokens=5) == expected and lookup._scheduler.stats.drafted > 0
+
+
+# ---------------------------------------------------------------------------------------- options and checks
+
+def with_tokenizer(path, change):
+    """Checkpoint `path` with its tokenizer.json content changed by `change(dict)`."""
+    file = path / "tokenizer.json"
+    content = json.loads(file.read_text())
+    change(content)
+    file.write_text(json.dumps(content))
+    return path
+
+
+def test_a_draft_that_tokenises_differently_is_refused_naming_both(paths, tmp_path):
+    def other_pre_tokenizer(content):
+        content["pre_tokenizer"]["add_prefix_space"] = True
+
+    def swapped_ids(content):
+        vocab = content["model"]["vocab"]
+        a, b = sorted(vocab, key=vocab.get)[300:302]
+        vocab[a], vocab[b] = vocab[b], vocab[a]
+
+    def fewer_merges(content):
+        content["model"]["merges"] = content["model"]["merges"][:-1]
+    for name, change, what in (("pre", other_pre_tokenizer, "pre-tokenizers differ"),
+                               ("ids", swapped_ids, "vocabularies differ"),
+                               ("merges", fewer_merges, "merges differ")):
+        draft = with_tokenizer(make_checkpoint(tmp_path / name, seed=44), change)
+        with pytest.raises(TokenizerError, match=what) as error:
+            OLMo2.from_pretrained(paths["target"], device="cpu", draft=draft)
+        assert str(paths["target"]) in str(error.value) and str(draft) in str(error.value)
+
+
+def test_the_same_tokenizer_in_another_file_layout_is_accepted(paths, plain, tmp_path):
+    def legacy_merges(content):  # older tokenizers wrote each merge as "a b"
+        content["model"]["merges"] = [" ".join(m) for m in content["model"]["merges"]]
+    draft = with_tokenizer(make_checkpoint(tmp_path / "legacy", seed=45), legacy_merges)
+    model = OLMo2.from_pretrained(paths["target"], device="cpu", draft=draft)
+    assert model.generate(PROMPTS[0], max_new_tokens=8) == plain.generate(PROMPTS[0], max_new_tokens=8)
+
+
+@pytest.mark.parametrize("options, error, message", [
+    (dict(draft="wide"), GenerationError, "the draft's vocab_size is 512, the target's 448"),
+    (dict(draft="short"), GenerationError, r"the draft's context \(128 positions\) is shorter"),
+    (dict(draft="other", prompt_lookup=2), GenerationError, "choose one"),
+    (dict(num_speculative_tokens=3), GenerationError, "needs draft="),
+    (dict(prompt_lookup=0), GenerationError, "prompt_lookup must be a positive integer"),
+    (dict(prompt_lookup=2, num_speculative_tokens=True), GenerationError, "num_speculative_tokens must be a positive"),
+])
+def test_bad_speculation_options_are_refused(paths, tmp_path, options, error, message):
+    made = {"wide": dict(vocab_size=512), "short": dict(max_position_embeddings=128)}
+    if options.get("draft") in made:
+        options = {**options, "draft": make_checkpoint(tmp_path / "d", seed=46, **made[options["draft"]])}
+    elif "draft" in options:
+        options = {**options, "draft": paths[options["draft"]]}
+    with pytest.raises(error, match=message):
+        OLMo2.from_pretrained(paths["target"], device="cpu", **options)
+
+
+def test_cli_flags(paths, capsys):
+    argv = ["generate", "--model", str(paths["target"]), PROMPTS[1], "--max-new-tokens", "12", "--quiet"]
+    assert main(argv) == 0
+    plain_out = capsys.readouterr().out
+    for flags in (["--draft", str(paths["noisy"]), "--num-speculative-tokens", "3"], ["--prompt-lookup", "1"]):
+        assert main(argv + flags) == 0
+        out, err = capsys.readouterr()
+        assert out == plain_out and "speculative: " in err
+    with pytest.raises(SystemExit):
+        main(argv + ["--draft", str(paths["noisy"]), "--prompt-lookup", "2"])
+    assert "not allowed with argument" in capsys.readouterr().err
+
+
+def test_bench_generate_rows_side_by_side(paths, tmp_path, capsys):
+    out = tmp_path / "spec.json"
+    argv = ["bench", "generate", "--model", str(paths["target"]), "--new-tokens", "6", "--warmup", "0", "--rep", "1",
+            "--json", str(out)]
+    assert main(argv + ["--draft", str(paths["noisy"]), "--num-speculative-tokens", "1", "3"]) == 0
+    assert "x plain tok/s" in capsys.readouterr().out
+    rows = json.loads(out.read_text())["rows"]
+    assert [r["k"] for r in rows] == [None, 1, 3] and all(r["same_as_plain"] for r in rows)
+    assert rows[0]["vs_plain"] == 1.0 and all(0 <= r["acceptance"] <= 1 and r["tokens_per_forward"] >= 1
+                                              for r in rows[1:])
+    assert main(argv + ["--prompt-lookup", "2"]) == 0
+    assert json.loads(out.read_text())["rows"][1]["drafting"] == "prompt lookup n=2"
+    assert main(["bench", "generate", "--prompt-lookup", "2"]) == 2
+    assert "needs --model PATH" in capsys.readouterr().err
