@@ -34,12 +34,12 @@ from .speculative_sampling import accept
 from .tokenizer import Tokenizer
 
 # Drafts per round when num_speculative_tokens is not given, from the sweep on the trained demo pair
-# (README, "Speculative decoding"). Prompt lookup: 6, the fastest or within 6% of it on both prompts
-# measured (its drafts cost nothing; more rows per verify did not pay on the CPU). Draft model: 4, where
-# the measured tokens per target forward, divided by the cost of the round at a draft step of 0.15-0.25
-# target forwards (a 1B drafting for a 7B, by weight bytes, with the verify rows free as at batch 1 on
-# a GPU), peaks (k = 3..5). On the CPU, where a draft step costs ~0.45 of a target forward and each
-# verify row adds compute, k = 1 measured fastest: pass num_speculative_tokens there.
+# (README, "Speculative decoding"). Prompt lookup: 6, the fastest measured or within 6% of it on both
+# prompts (its drafts cost nothing). Draft model: 4, from the measured tokens per target forward (mean of
+# the two prompts) over the cost of a round, 1 + 0.2 k target forwards: a draft step as a 1B drafting for
+# a 7B costs by weight bytes, the verify rows free as at batch 1 on a GPU; k = 3 and 4 are within 2% of
+# each other there, and the repetitive prompt alone peaks at 6. On the CPU, where a draft step costs
+# ~0.45 of a target forward and each verify row adds compute, k = 1 measured fastest.
 DEFAULT_DRAFT_TOKENS = 4
 DEFAULT_LOOKUP_TOKENS = 6
 
