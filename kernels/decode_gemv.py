@@ -77,8 +77,11 @@ from .attention import FLOAT_DTYPES, _sm_count
 from .pdl import pdl_enabled, release_dependents, wait_for_producer
 from .roofline import Cost, itemsize
 from .swiglu import swiglu_reference
+from .int4_format import INT4_MAGIC, Int4Weight, dequantize_int4, int4_weight_bytes, validate_int4_weight
+from .int4_tiles import int4_dot_tile, int4_dot_weights, int4_gemv_multiply_add, int4_gemv_tile
 
 DECODE_MAX_ROWS = 16
+Weight = torch.Tensor | Int4Weight  # what the launchers multiply by
 
 
 class Prologue(enum.IntEnum):
@@ -91,13 +94,14 @@ class Prologue(enum.IntEnum):
 
 
 class WeightFormat(enum.IntEnum):
-    """How W is stored (the WEIGHT_FORMAT constexpr); int4 group-128 is to be added here."""
+    """How W is stored (the WEIGHT_FORMAT constexpr)."""
     DENSE = 0  # float32/float16/bfloat16 [N, K], K contiguous
+    INT4 = 1   # int4 group-128 (kernels/int4_format.py Int4Weight): packed codes, scales and zeros
 
 
 # Triton reads only tl.constexpr globals inside @triton.jit code: mirrors of the enums.
 _NONE, _EMBEDDING, _RESIDUAL_NORM, _SWIGLU, _FINAL_NORM = (tl.constexpr(p.value) for p in Prologue)
-_DENSE = tl.constexpr(WeightFormat.DENSE.value)
+_DENSE, _INT4 = (tl.constexpr(f.value) for f in WeightFormat)
 LOWEST_KEY = -(2 ** 63)  # below every argmax key: "no candidate yet" (the workspace's best between calls)
 _LOWEST_KEY = tl.constexpr(LOWEST_KEY)
 
@@ -106,32 +110,101 @@ _LOWEST_KEY = tl.constexpr(LOWEST_KEY)
 
 
 @triton.jit
-def _weight_tile(w_rows, k0, k_end, mask_n, BLOCK_K: tl.constexpr, WEIGHT_FORMAT: tl.constexpr):
-    """W[n, k0:k0+BLOCK_K] for the block's rows; zeros outside the slice (k0 >= k_end included,
-    so the loop may prefetch one step past its end)."""
-    offs_k = k0 + tl.arange(0, BLOCK_K)
-    mask = mask_n[:, None] & (offs_k < k_end)[None, :]
+def _k_offsets(k0, BLOCK_M: tl.constexpr, BLOCK_K: tl.constexpr, WEIGHT_FORMAT: tl.constexpr):
+    """The step's input columns, in the shape its multiply takes x: [1, BLOCK_K], or for the int4
+    GEMV [U, 1, 1, 4, 8] (k = k0 + 32u + 8i + c: a thread's 32 columns, one unit of codes)."""
+    if WEIGHT_FORMAT == _INT4 and BLOCK_M == 1:
+        u = tl.arange(0, BLOCK_K // 32)[:, None, None, None, None]
+        offs = k0 + u * 32 + tl.arange(0, 4)[None, None, None, :, None] * 8 + tl.arange(0, 8)[None, None, None, None, :]
+    else:
+        offs = k0 + tl.arange(0, BLOCK_K)[None, :]
+    return offs
+
+
+@triton.jit
+def _weight_rows(w_ptr, pid_n, N, stride_wn, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
+                 WEIGHT_FORMAT: tl.constexpr):
+    """What _weight_tile addresses the program's rows by: dense, their pointers (64-bit: N * stride
+    can pass 2^31); int4, their indices clamped to the weight (the rows past N are computed, never
+    stored): row blocks [1, BLOCK_N / 8, 1, 1] for the GEMV, rows [BLOCK_N] for the dot."""
+    offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
     if WEIGHT_FORMAT == _DENSE:
+        rows = w_ptr + offs_n.to(tl.int64)[:, None] * stride_wn
+    elif BLOCK_M == 1:
+        blocks = tl.minimum(pid_n * (BLOCK_N // 8) + tl.arange(0, BLOCK_N // 8), N // 8 - 1)
+        rows = blocks.to(tl.int64)[None, :, None, None]
+    else:
+        rows = tl.minimum(offs_n, N - 1).to(tl.int64)
+    return rows
+
+
+@triton.jit
+def _weight_tile(w_ptr, w_rows, scales_ptr, zeros_ptr, k0, k_end, mask_n, N, K, BLOCK_M: tl.constexpr,
+                 BLOCK_K: tl.constexpr, WEIGHT_FORMAT: tl.constexpr):
+    """The weights of inputs k0 .. k0 + BLOCK_K for the block's rows; the loop may prefetch one step
+    past the slice's end. Dense: W[n, k0:k0+BLOCK_K], zeros outside the slice. int4: (words, scales,
+    zeros) of kernels/int4_tiles.py, clamped to the slice (x is zero outside it)."""
+    if WEIGHT_FORMAT == _DENSE:
+        offs_k = k0 + tl.arange(0, BLOCK_K)
+        mask = mask_n[:, None] & (offs_k < k_end)[None, :]
         tile = tl.load(w_rows + offs_k[None, :], mask=mask, other=0.0)
+    elif BLOCK_M == 1:
+        tile = int4_gemv_tile(w_ptr, scales_ptr, zeros_ptr, w_rows, k0, k_end, N, K, BLOCK_K)
+    else:
+        tile = int4_dot_tile(w_ptr, scales_ptr, zeros_ptr, w_rows, k0, k_end, N, K, BLOCK_K)
     return tile
 
 
 @triton.jit
-def _multiply_add(acc, tile, x, BLOCK_M: tl.constexpr, WEIGHT_FORMAT: tl.constexpr,
-                  DOT_PRECISION: tl.constexpr):
-    """acc += the weight tile [BLOCK_N, BLOCK_K] times x^T (x: the step's [BLOCK_M, BLOCK_K] input).
-    BLOCK_M == 1: acc is [BLOCK_N, BLOCK_K], summed over K after the loop. Else acc is out^T
-    [BLOCK_N, BLOCK_M] = W x^T: the weights are the dot's A operand (64 rows: one wgmma per
-    warpgroup on sm_90) and x its B operand, which wgmma reads from shared memory, so the
-    prologue computes each x element once per program (out = x W^T would recompute the whole
-    x tile in every warp: 4x the prologue's instructions, 33 per weight for SwiGLU)."""
-    if WEIGHT_FORMAT == _DENSE:
-        w = tile
-    if BLOCK_M == 1:
-        acc += w.to(tl.float32) * x.to(tl.float32)
+def _new_accumulator(BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
+                     WEIGHT_FORMAT: tl.constexpr):
+    if BLOCK_M > 1:
+        acc = tl.zeros([BLOCK_N, BLOCK_M], dtype=tl.float32)
+    elif WEIGHT_FORMAT == _DENSE:
+        acc = tl.zeros([BLOCK_N, BLOCK_K], dtype=tl.float32)
     else:
-        acc = tl.dot(w, tl.trans(x), acc, input_precision=DOT_PRECISION)
+        acc = tl.zeros([BLOCK_K // 32, BLOCK_N // 8, 8, 1], dtype=tl.float32)
     return acc
+
+
+@triton.jit
+def _multiply_add(acc, tile, x, magic_16, magic_256, BLOCK_M: tl.constexpr, WEIGHT_FORMAT: tl.constexpr,
+                  DOT_PRECISION: tl.constexpr):
+    """acc += the weight tile times x^T (x: the step's input, shaped by _k_offsets).
+    BLOCK_M == 1: dense, acc is [BLOCK_N, BLOCK_K], summed over K after the loop; int4, acc is
+    [U, RB, 8, 1] (per unit and row; int4_gemv_multiply_add). Else acc is out^T
+    [BLOCK_N, BLOCK_M] = W x^T: the weights (int4: dequantised to the dtype in registers) are the
+    dot's A operand (64 rows: one wgmma per warpgroup on sm_90) and x its B operand, which wgmma
+    reads from shared memory, so the prologue computes each x element once per program (out = x W^T
+    would recompute the whole x tile in every warp: 4x the prologue's instructions, 33 per weight
+    for SwiGLU)."""
+    if BLOCK_M == 1 and WEIGHT_FORMAT == _INT4:
+        words, scales, zeros = tile
+        acc = int4_gemv_multiply_add(acc, words, scales, zeros, x, magic_16, magic_256,
+                                     CENTRED=x.dtype == tl.float32)
+    else:
+        if WEIGHT_FORMAT == _DENSE:
+            w = tile
+        else:
+            words, scales, zeros = tile
+            w = int4_dot_weights(words, scales, zeros, magic_16, magic_256)
+        if BLOCK_M == 1:
+            acc += w.to(tl.float32) * x.to(tl.float32)
+        else:
+            acc = tl.dot(w, tl.trans(x), acc, input_precision=DOT_PRECISION)
+    return acc
+
+
+@triton.jit
+def _row_results(acc, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, WEIGHT_FORMAT: tl.constexpr):
+    """The program's [BLOCK_M, BLOCK_N] float32 results from its accumulator."""
+    if BLOCK_M > 1:
+        result = tl.trans(acc)
+    elif WEIGHT_FORMAT == _DENSE:
+        result = tl.sum(acc, axis=1)[None, :]
+    else:
+        result = tl.reshape(tl.sum(acc, axis=0), [1, BLOCK_N])
+    return result
 
 
 # --------------------------------------------------------------------------- prologues
@@ -139,16 +212,17 @@ def _multiply_add(acc, tile, x, BLOCK_M: tl.constexpr, WEIGHT_FORMAT: tl.constex
 
 @triton.jit
 def _rms_norm_step(v, w_ptr, offs_k, mask_k, rstd):
-    """(w * (v * rstd)).to(dtype) for one [BLOCK_M, BLOCK_K] step, HF's Olmo2RMSNorm."""
+    """(w * (v * rstd)).to(dtype) for one step, HF's Olmo2RMSNorm (offs_k: the step's columns, any
+    shape; v: rows x those columns; rstd: [BLOCK_M])."""
     w = tl.load(w_ptr + offs_k, mask=mask_k, other=0.0).to(tl.float32)
-    return (w[None, :] * (v.to(tl.float32) * rstd[:, None])).to(v.dtype)
+    return (w * (v.to(tl.float32) * rstd[:, None])).to(v.dtype)
 
 
 @triton.jit
 def _residual_norm_step(residual_rows, delta_rows, norm_w_ptr, offs_k, mask, mask_k, rstd_delta):
     """(residual + norm(delta) * w).to(dtype): OLMo 2's post-norm residual, one step."""
-    delta = tl.load(delta_rows + offs_k[None, :], mask=mask, other=0.0)
-    residual = tl.load(residual_rows + offs_k[None, :], mask=mask, other=0.0)
+    delta = tl.load(delta_rows + offs_k, mask=mask, other=0.0)
+    residual = tl.load(residual_rows + offs_k, mask=mask, other=0.0)
     y = _rms_norm_step(delta, norm_w_ptr, offs_k, mask_k, rstd_delta)
     return (residual.to(tl.float32) + y.to(tl.float32)).to(residual.dtype)
 
@@ -175,10 +249,10 @@ def _row_rstds(residual_rows, delta_rows, norm_w_ptr, mask_m, K, eps,
     if PROLOGUE == _FINAL_NORM:
         squares = tl.zeros([BLOCK_M, STATS_BLOCK_K], dtype=tl.float32)
         for k0 in range(0, K, STATS_BLOCK_K):
-            offs_k = k0 + offs
+            offs_k = (k0 + offs)[None, :]
             mask_k = offs_k < K
-            h = _residual_norm_step(residual_rows, delta_rows, norm_w_ptr, offs_k,
-                                    mask_m[:, None] & mask_k[None, :], mask_k, rstd_delta).to(tl.float32)
+            h = _residual_norm_step(residual_rows, delta_rows, norm_w_ptr, offs_k, mask_m[:, None] & mask_k, mask_k,
+                                    rstd_delta).to(tl.float32)
             squares += h * h
         rstd_h = _rstd(tl.sum(squares, axis=1), K, eps)
     return rstd_delta, rstd_h
@@ -193,18 +267,18 @@ def _silu_times_up(gate, up):
 
 
 @triton.jit
-def _input_step(x_rows, residual_rows, delta_rows, norm_w_ptr, final_w_ptr, k0, k_end, K, mask_m,
-                rstd_delta, rstd_h, PROLOGUE: tl.constexpr, BLOCK_K: tl.constexpr):
-    """The step's input rows x[:, k0:k0+BLOCK_K] ([BLOCK_M, BLOCK_K], the model dtype), built by the prologue.
-    x_rows: row pointers of x (NONE), of embed[ids] (EMBEDDING) or of gate_up (SWIGLU)."""
-    offs_k = k0 + tl.arange(0, BLOCK_K)
+def _input_step(x_rows, residual_rows, delta_rows, norm_w_ptr, final_w_ptr, offs_k, k_end, K, mask_m,
+                rstd_delta, rstd_h, PROLOGUE: tl.constexpr):
+    """The step's input rows x at columns offs_k (_k_offsets; the model dtype, zero past k_end), built
+    by the prologue. x_rows: row pointers [BLOCK_M, 1] of x (NONE), of embed[ids] (EMBEDDING) or of
+    gate_up (SWIGLU)."""
     mask_k = offs_k < k_end
-    mask = mask_m[:, None] & mask_k[None, :]
+    mask = mask_m[:, None] & mask_k
     if PROLOGUE == _NONE or PROLOGUE == _EMBEDDING:
-        x = tl.load(x_rows + offs_k[None, :], mask=mask, other=0.0)
+        x = tl.load(x_rows + offs_k, mask=mask, other=0.0)
     elif PROLOGUE == _SWIGLU:
-        gate = tl.load(x_rows + offs_k[None, :], mask=mask, other=0.0)
-        up = tl.load(x_rows + K + offs_k[None, :], mask=mask, other=0.0)
+        gate = tl.load(x_rows + offs_k, mask=mask, other=0.0)
+        up = tl.load(x_rows + K + offs_k, mask=mask, other=0.0)
         x = _silu_times_up(gate, up)
     else:
         x = _residual_norm_step(residual_rows, delta_rows, norm_w_ptr, offs_k, mask, mask_k, rstd_delta)
@@ -252,16 +326,31 @@ def _store_output(acc, out_ptr, next_ids_ptr, counters_ptr, best_ptr, offs_m, of
 
 
 @triton.jit
+def _step_input(k0, k_end, K, pid_n, mask_m, x_rows, residual_rows, delta_rows, norm_w_ptr, final_w_ptr,
+                residual_out_rows, rstd_delta, rstd_h, PROLOGUE: tl.constexpr, BLOCK_M: tl.constexpr,
+                BLOCK_K: tl.constexpr, WEIGHT_FORMAT: tl.constexpr):
+    """One BLOCK_K step's input x from the prologue, stored as the next residual by column block 0
+    where the prologue makes one."""
+    offs_k = _k_offsets(k0, BLOCK_M, BLOCK_K, WEIGHT_FORMAT)
+    x = _input_step(x_rows, residual_rows, delta_rows, norm_w_ptr, final_w_ptr, offs_k, k_end, K, mask_m,
+                    rstd_delta, rstd_h, PROLOGUE)
+    if PROLOGUE == _EMBEDDING or PROLOGUE == _RESIDUAL_NORM:
+        keep = mask_m[:, None] & (offs_k < k_end) & (pid_n == 0)
+        tl.store(residual_out_rows + offs_k, x, mask=keep)
+    return x
+
+
+@triton.jit
 def _decode_gemv_kernel(
     # pointers
-    out_ptr, w_ptr, x_ptr, ids_ptr, residual_ptr, delta_ptr, norm_w_ptr, final_w_ptr,
+    out_ptr, w_ptr, scales_ptr, zeros_ptr, x_ptr, ids_ptr, residual_ptr, delta_ptr, norm_w_ptr, final_w_ptr,
     residual_out_ptr, next_ids_ptr, counters_ptr, partials_ptr, best_ptr,
     # sizes
     M, N, K, K_SPLIT, N_VALID,
-    # strides (rows; every last dim is contiguous)
+    # strides (rows; every last dim is contiguous; int4 tensors are contiguous)
     stride_om, stride_wn, stride_xm, stride_rm, stride_dm, stride_ro,
-    # scalars
-    eps,
+    # scalars: eps; the int4 views' float32 magic numbers (INT4_MAGIC, see kernels/int4_tiles.py)
+    eps, magic_16, magic_256,
     # meta-parameters
     PROLOGUE: tl.constexpr, WEIGHT_FORMAT: tl.constexpr, ARGMAX: tl.constexpr, SPLIT: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, STATS_BLOCK_K: tl.constexpr,
@@ -275,8 +364,9 @@ def _decode_gemv_kernel(
     mask_n = offs_n < N
     k_start = pid_k * K_SPLIT
     k_end = tl.minimum(k_start + K_SPLIT, K)
-    w_rows = w_ptr + offs_n.to(tl.int64)[:, None] * stride_wn  # 64-bit: N * stride can pass 2^31
-    tile = _weight_tile(w_rows, k_start, k_end, mask_n, BLOCK_K, WEIGHT_FORMAT)
+    w_rows = _weight_rows(w_ptr, pid_n, N, stride_wn, BLOCK_M, BLOCK_N, WEIGHT_FORMAT)
+    tile = _weight_tile(w_ptr, w_rows, scales_ptr, zeros_ptr, k_start, k_end, mask_n, N, K, BLOCK_M, BLOCK_K,
+                        WEIGHT_FORMAT)
 
     # Everything below may read what the previous kernel wrote, and writes what it may still read.
     wait_for_producer(USE_PDL)
@@ -297,24 +387,33 @@ def _decode_gemv_kernel(
                                         PROLOGUE, BLOCK_M, STATS_BLOCK_K)
     residual_out_rows = residual_out_ptr + offs_m.to(tl.int64)[:, None] * stride_ro
 
-    if BLOCK_M == 1:
-        acc = tl.zeros([BLOCK_N, BLOCK_K], dtype=tl.float32)
+    acc = _new_accumulator(BLOCK_M, BLOCK_N, BLOCK_K, WEIGHT_FORMAT)
+    if WEIGHT_FORMAT == _INT4 and BLOCK_M == 1:
+        # One tile in registers (16 rows of two spill): the first step, peeled, multiplies the tile
+        # loaded before the wait; each later step loads its own before its prologue runs (other
+        # programs' loads hide the rest of the latency; most int4 GEMVs are one step long, K <=
+        # BLOCK_K). A tile carried from one step into the next would be hoisted by ptxas into the
+        # previous multiply (both live: spills).
+        x = _step_input(k_start, k_end, K, pid_n, mask_m, x_rows, residual_rows, delta_rows, norm_w_ptr,
+                        final_w_ptr, residual_out_rows, rstd_delta, rstd_h, PROLOGUE, BLOCK_M, BLOCK_K, WEIGHT_FORMAT)
+        acc = _multiply_add(acc, tile, x, magic_16, magic_256, BLOCK_M, WEIGHT_FORMAT, DOT_PRECISION)
+        for k0 in range(k_start + BLOCK_K, k_end, BLOCK_K):
+            tile = _weight_tile(w_ptr, w_rows, scales_ptr, zeros_ptr, k0, k_end, mask_n, N, K, BLOCK_M, BLOCK_K,
+                                WEIGHT_FORMAT)
+            x = _step_input(k0, k_end, K, pid_n, mask_m, x_rows, residual_rows, delta_rows, norm_w_ptr,
+                            final_w_ptr, residual_out_rows, rstd_delta, rstd_h, PROLOGUE, BLOCK_M, BLOCK_K,
+                            WEIGHT_FORMAT)
+            acc = _multiply_add(acc, tile, x, magic_16, magic_256, BLOCK_M, WEIGHT_FORMAT, DOT_PRECISION)
     else:
-        acc = tl.zeros([BLOCK_N, BLOCK_M], dtype=tl.float32)
-    for k0 in range(k_start, k_end, BLOCK_K):
-        x = _input_step(x_rows, residual_rows, delta_rows, norm_w_ptr, final_w_ptr, k0, k_end, K, mask_m,
-                        rstd_delta, rstd_h, PROLOGUE, BLOCK_K)
-        if PROLOGUE == _EMBEDDING or PROLOGUE == _RESIDUAL_NORM:
-            offs_k = k0 + tl.arange(0, BLOCK_K)
-            keep = mask_m[:, None] & (offs_k < k_end)[None, :] & (pid_n == 0)
-            tl.store(residual_out_rows + offs_k[None, :], x, mask=keep)
-        next_tile = _weight_tile(w_rows, k0 + BLOCK_K, k_end, mask_n, BLOCK_K, WEIGHT_FORMAT)
-        acc = _multiply_add(acc, tile, x, BLOCK_M, WEIGHT_FORMAT, DOT_PRECISION)
-        tile = next_tile
-    if BLOCK_M == 1:
-        result = tl.sum(acc, axis=1)[None, :]
-    else:
-        result = tl.trans(acc)
+        for k0 in range(k_start, k_end, BLOCK_K):
+            x = _step_input(k0, k_end, K, pid_n, mask_m, x_rows, residual_rows, delta_rows, norm_w_ptr,
+                            final_w_ptr, residual_out_rows, rstd_delta, rstd_h, PROLOGUE, BLOCK_M, BLOCK_K,
+                            WEIGHT_FORMAT)
+            next_tile = _weight_tile(w_ptr, w_rows, scales_ptr, zeros_ptr, k0 + BLOCK_K, k_end, mask_n, N, K,
+                                     BLOCK_M, BLOCK_K, WEIGHT_FORMAT)
+            acc = _multiply_add(acc, tile, x, magic_16, magic_256, BLOCK_M, WEIGHT_FORMAT, DOT_PRECISION)
+            tile = next_tile
+    result = _row_results(acc, BLOCK_M, BLOCK_N, WEIGHT_FORMAT)
 
     if SPLIT:
         # partials [SPLIT_K, M, N] float32 in the workspace; the last slice to arrive reduces.
@@ -383,9 +482,27 @@ class GemvPlan:
 # some variants (reloaded every step); bounded at 255 it allocates what the loop needs, no spills.
 _GEMV_CONFIG = dict(block_n=8, block_k={2: 1024, 4: 512}, stats_block_k=2048, num_warps=4, num_stages=1, maxnreg=None)
 _DOT_CONFIG = dict(block_n=64, block_k={2: 128, 4: 32}, stats_block_k=256, num_warps=4, num_stages=4, maxnreg=255)
+# int4 (kernels/int4_tiles.py), M == 1: a thread owns one 32-code unit of every row of the program
+# (one 16-byte load per row, 64 contiguous bytes of x, one group: the scale applies once per load);
+# lanes and warps go along K, so the input row is loaded once per program and a step is 1024
+# columns per warp. 16 rows (two row blocks) halve the per-weight cost of the thread's x work
+# (conversion, group sums: 2 instructions per x element over its rows), used where the 16-row
+# column blocks alone fill the GPU; else 8. Warps: the most of 4, 2, 1 whose steps cover K with at
+# most a fifth of the threads idle (K = 5120 in steps of 4096 would idle 3/8), else 1. 2 <= M <= 16:
+# _DOT_CONFIG (its 128- and 32-wide steps lie inside one group), the tile dequantised in registers.
+_INT4_GEMV_CONFIG = dict(block_n=(8, 16), unit_columns=1024, stats_block_k=2048, num_stages=1, maxnreg=None)
 
 
-def gemv_plan(m: int, n: int, k: int, dtype: torch.dtype, num_sms: int, num_splits: int | None = None) -> GemvPlan:
+def _int4_gemv_warps(k: int) -> int:
+    for warps in (4, 2, 1):
+        step = _INT4_GEMV_CONFIG["unit_columns"] * warps
+        if k >= 0.8 * triton.cdiv(k, step) * step:
+            return warps
+    return 1
+
+
+def gemv_plan(m: int, n: int, k: int, dtype: torch.dtype, num_sms: int, num_splits: int | None = None,
+              weight_format: WeightFormat = WeightFormat.DENSE) -> GemvPlan:
     """The launch's tiles and split-K.
 
     Split-K only when the column blocks leave SMs idle: about the smallest split that gives every SM
@@ -395,9 +512,19 @@ def gemv_plan(m: int, n: int, k: int, dtype: torch.dtype, num_sms: int, num_spli
     M = 16 with a slice per 128-wide step, and the plan asks for far fewer (<= 6 slices at the
     published widths). num_splits overrides the count.
     """
-    config = _GEMV_CONFIG if m == 1 else _DOT_CONFIG
-    block_k = config["block_k"][itemsize(dtype)]
-    col_blocks = triton.cdiv(n, config["block_n"])
+    if m > 1:
+        config = _DOT_CONFIG
+        block_n, block_k, num_warps = config["block_n"], config["block_k"][itemsize(dtype)], config["num_warps"]
+    elif weight_format == WeightFormat.DENSE:
+        config = _GEMV_CONFIG
+        block_n, block_k, num_warps = config["block_n"], config["block_k"][itemsize(dtype)], config["num_warps"]
+    else:
+        config = _INT4_GEMV_CONFIG
+        narrow, wide = config["block_n"]
+        block_n = wide if triton.cdiv(n, wide) >= num_sms else narrow
+        num_warps = _int4_gemv_warps(k)
+        block_k = config["unit_columns"] * num_warps
+    col_blocks = triton.cdiv(n, block_n)
     k_steps = triton.cdiv(k, block_k)
     if num_splits is None:
         wanted = min(triton.cdiv(num_sms, col_blocks), k_steps)
@@ -405,8 +532,8 @@ def gemv_plan(m: int, n: int, k: int, dtype: torch.dtype, num_sms: int, num_spli
     else:
         steps_per_split = triton.cdiv(k_steps, num_splits)
     return GemvPlan(
-        block_m=1 if m == 1 else DECODE_MAX_ROWS, block_n=config["block_n"], block_k=block_k,
-        stats_block_k=config["stats_block_k"], num_warps=config["num_warps"], num_stages=config["num_stages"],
+        block_m=1 if m == 1 else DECODE_MAX_ROWS, block_n=block_n, block_k=block_k,
+        stats_block_k=config["stats_block_k"], num_warps=num_warps, num_stages=config["num_stages"],
         maxnreg=config["maxnreg"],
         splits=triton.cdiv(k_steps, steps_per_split),  # no empty slices
         k_split=steps_per_split * block_k, col_blocks=col_blocks,
@@ -425,23 +552,39 @@ class DecodeGemvWorkspace(NamedTuple):
 
 
 def decode_gemv_workspace(shapes, dtype: torch.dtype, device, *, max_rows: int = DECODE_MAX_ROWS) -> DecodeGemvWorkspace:
-    """A workspace for launches of every (N, K) in `shapes` at up to `max_rows` rows of `dtype`,
-    planned for `device`'s SM count. Allocates (and zeroes the counters) once: no memset per call."""
+    """A workspace for launches of every (N, K) in `shapes` at up to `max_rows` rows of `dtype`, dense or
+    int4 weights, planned for `device`'s SM count. Allocates (and zeroes the counters) once: no memset
+    per call."""
     device = torch.device(device)
     if not 1 <= max_rows <= DECODE_MAX_ROWS:
         raise ValueError(f"max_rows must be in 1..{DECODE_MAX_ROWS}, got {max_rows}")
     counters, partials = 1, 1
     for n, k in shapes:
         for m in range(1, max_rows + 1):
-            plan = gemv_plan(m, n, k, dtype, _sm_count(device))
-            counters = max(counters, plan.col_blocks + 1)  # + the argmax counter
-            if plan.splits > 1:
-                partials = max(partials, plan.splits * m * n)
+            for weight_format in WeightFormat:
+                plan = gemv_plan(m, n, k, dtype, _sm_count(device), weight_format=weight_format)
+                counters = max(counters, plan.col_blocks + 1)  # + the argmax counter
+                if plan.splits > 1:
+                    partials = max(partials, plan.splits * m * n)
     return DecodeGemvWorkspace(
         counters=torch.zeros(counters, dtype=torch.int32, device=device),
         partials=torch.empty(partials, dtype=torch.float32, device=device),
         best=torch.full((DECODE_MAX_ROWS,), LOWEST_KEY, dtype=torch.int64, device=device),
     )
+
+
+def decode_gemv_call_workspace(m: int, n: int, k: int, weight_format: WeightFormat, dtype: torch.dtype,
+                               device) -> DecodeGemvWorkspace:
+    """A workspace for one launch of (M, N, K) without the argmax epilogue, for a caller that keeps none
+    (int4_matmul): allocated per call, and only the counters of a launch that splits K are zeroed (one
+    memset); an unsplit launch without argmax never touches its workspace, so it costs no launch."""
+    device = torch.device(device)
+    plan = gemv_plan(m, n, k, dtype, _sm_count(device), weight_format=weight_format)
+    allocate = torch.zeros if plan.splits > 1 else torch.empty
+    return DecodeGemvWorkspace(counters=allocate(plan.col_blocks + 1, dtype=torch.int32, device=device),
+                               partials=torch.empty(plan.splits * m * n if plan.splits > 1 else 1,
+                                                    dtype=torch.float32, device=device),
+                               best=torch.empty(m, dtype=torch.int64, device=device))
 
 
 # --------------------------------------------------------------------------- launch
@@ -450,26 +593,30 @@ def decode_gemv_workspace(shapes, dtype: torch.dtype, device, *, max_rows: int =
 def _launch(prologue: Prologue, out, weight, counters, partials, best, num_splits: int, *, x=None, ids=None,
             residual=None, delta=None, norm_weight=None, final_norm_weight=None, residual_out=None,
             next_ids=None, eps: float = 0.0, n_valid: int = 0):
-    """One kernel launch; unused pointers are bound to `weight` (never dereferenced)."""
-    m, n, k = out.shape[0], weight.shape[0], weight.shape[1]
-    plan = gemv_plan(m, n, k, weight.dtype, _sm_count(weight.device), num_splits)
+    """One kernel launch of `weight` (a dense tensor or an Int4Weight); unused pointers are bound to
+    the weight's codes (never dereferenced)."""
+    int4 = isinstance(weight, Int4Weight)
+    weight_format = WeightFormat.INT4 if int4 else WeightFormat.DENSE
+    codes, scales, zeros = (weight.packed, weight.scales, weight.zeros) if int4 else (weight, weight, weight)
+    m, (n, k) = out.shape[0], weight.shape
+    plan = gemv_plan(m, n, k, weight.dtype, _sm_count(weight.device), num_splits, weight_format)
     use_pdl = pdl_enabled(weight.device)
 
     def ptr(t):
-        return weight if t is None else t
+        return codes if t is None else t
 
     def row_stride(t):
         return 0 if t is None else t.stride(0)
 
     with launch_device(weight.device):
         torch.library.wrap_triton(_decode_gemv_kernel)[plan.grid](
-            out, weight, ptr(x), ptr(ids), ptr(residual), ptr(delta), ptr(norm_weight), ptr(final_norm_weight),
-            ptr(residual_out), ptr(next_ids), counters, partials, best,
+            out, codes, scales, zeros, ptr(x), ptr(ids), ptr(residual), ptr(delta), ptr(norm_weight),
+            ptr(final_norm_weight), ptr(residual_out), ptr(next_ids), counters, partials, best,
             m, n, k, plan.k_split, n_valid,
-            out.stride(0), weight.stride(0), row_stride(x), row_stride(residual), row_stride(delta),
+            out.stride(0), 0 if int4 else weight.stride(0), row_stride(x), row_stride(residual), row_stride(delta),
             row_stride(residual_out),
-            eps,
-            PROLOGUE=prologue.value, WEIGHT_FORMAT=WeightFormat.DENSE.value, ARGMAX=next_ids is not None,
+            eps, *INT4_MAGIC,
+            PROLOGUE=prologue.value, WEIGHT_FORMAT=weight_format.value, ARGMAX=next_ids is not None,
             SPLIT=plan.splits > 1, BLOCK_M=plan.block_m, BLOCK_N=plan.block_n, BLOCK_K=plan.block_k,
             STATS_BLOCK_K=plan.stats_block_k,
             # float32: exact products like torch's default matmul (TF32 would not be)
@@ -479,57 +626,79 @@ def _launch(prologue: Prologue, out, weight, counters, partials, best, num_split
         )
 
 
-def _new_out(rows: int, weight: torch.Tensor) -> torch.Tensor:
+def _op_weight(weight: torch.Tensor, scales: torch.Tensor | None, zeros: torch.Tensor | None):
+    """The weight an op was given: a dense tensor, or (scales given) an int4 one's packed codes."""
+    if scales is None:
+        return weight
+    return Int4Weight(weight, scales, zeros, (scales.shape[1], weight.shape[1] * 32))
+
+
+def _weight_args(weight) -> tuple:
+    """A launcher's weight as the ops take it: (weight, scales, zeros), None for dense."""
+    return (weight.packed, weight.scales, weight.zeros) if isinstance(weight, Int4Weight) else (weight, None, None)
+
+
+def _new_out(rows: int, weight) -> torch.Tensor:
     return torch.empty((rows, weight.shape[0]), dtype=weight.dtype, device=weight.device)
 
 
 _WORKSPACE_MUTATED = ("counters", "partials", "best")
+# Every op takes the weight as (weight, scales, zeros): a dense [N, K] tensor with scales and zeros
+# None, or an Int4Weight's packed codes, scales and zeros (custom ops take tensors, not dataclasses).
 
 
 @torch.library.triton_op("olmo2_fast::decode_gemv", mutates_args=_WORKSPACE_MUTATED)
-def _decode_gemv_op(x: torch.Tensor, weight: torch.Tensor, counters: torch.Tensor, partials: torch.Tensor,
-                    best: torch.Tensor, num_splits: int) -> torch.Tensor:
-    out = _new_out(x.shape[0], weight)
-    _launch(Prologue.NONE, out, weight, counters, partials, best, num_splits, x=x)
+def _decode_gemv_op(x: torch.Tensor, weight: torch.Tensor, scales: torch.Tensor | None, zeros: torch.Tensor | None,
+                    counters: torch.Tensor, partials: torch.Tensor, best: torch.Tensor, num_splits: int) -> torch.Tensor:
+    w = _op_weight(weight, scales, zeros)
+    out = _new_out(x.shape[0], w)
+    _launch(Prologue.NONE, out, w, counters, partials, best, num_splits, x=x)
     return out
 
 
 @torch.library.triton_op("olmo2_fast::decode_gemv_embedding", mutates_args=_WORKSPACE_MUTATED + ("residual_out",))
-def _decode_gemv_embedding_op(ids: torch.Tensor, embed: torch.Tensor, weight: torch.Tensor, counters: torch.Tensor,
+def _decode_gemv_embedding_op(ids: torch.Tensor, embed: torch.Tensor, weight: torch.Tensor,
+                              scales: torch.Tensor | None, zeros: torch.Tensor | None, counters: torch.Tensor,
                               partials: torch.Tensor, best: torch.Tensor, residual_out: torch.Tensor,
                               num_splits: int) -> torch.Tensor:
-    out = _new_out(ids.shape[0], weight)
-    _launch(Prologue.EMBEDDING, out, weight, counters, partials, best, num_splits, x=embed, ids=ids,
+    w = _op_weight(weight, scales, zeros)
+    out = _new_out(ids.shape[0], w)
+    _launch(Prologue.EMBEDDING, out, w, counters, partials, best, num_splits, x=embed, ids=ids,
             residual_out=residual_out)
     return out
 
 
 @torch.library.triton_op("olmo2_fast::decode_gemv_residual_norm", mutates_args=_WORKSPACE_MUTATED + ("residual_out",))
 def _decode_gemv_residual_norm_op(residual: torch.Tensor, delta: torch.Tensor, norm_weight: torch.Tensor,
-                                  weight: torch.Tensor, counters: torch.Tensor, partials: torch.Tensor,
-                                  best: torch.Tensor, residual_out: torch.Tensor, eps: float,
-                                  num_splits: int) -> torch.Tensor:
-    out = _new_out(residual.shape[0], weight)
-    _launch(Prologue.RESIDUAL_NORM, out, weight, counters, partials, best, num_splits, residual=residual,
+                                  weight: torch.Tensor, scales: torch.Tensor | None, zeros: torch.Tensor | None,
+                                  counters: torch.Tensor, partials: torch.Tensor, best: torch.Tensor,
+                                  residual_out: torch.Tensor, eps: float, num_splits: int) -> torch.Tensor:
+    w = _op_weight(weight, scales, zeros)
+    out = _new_out(residual.shape[0], w)
+    _launch(Prologue.RESIDUAL_NORM, out, w, counters, partials, best, num_splits, residual=residual,
             delta=delta, norm_weight=norm_weight, residual_out=residual_out, eps=eps)
     return out
 
 
 @torch.library.triton_op("olmo2_fast::decode_gemv_swiglu", mutates_args=_WORKSPACE_MUTATED)
-def _decode_gemv_swiglu_op(gate_up: torch.Tensor, weight: torch.Tensor, counters: torch.Tensor,
-                           partials: torch.Tensor, best: torch.Tensor, num_splits: int) -> torch.Tensor:
-    out = _new_out(gate_up.shape[0], weight)
-    _launch(Prologue.SWIGLU, out, weight, counters, partials, best, num_splits, x=gate_up)
+def _decode_gemv_swiglu_op(gate_up: torch.Tensor, weight: torch.Tensor, scales: torch.Tensor | None,
+                           zeros: torch.Tensor | None, counters: torch.Tensor, partials: torch.Tensor,
+                           best: torch.Tensor, num_splits: int) -> torch.Tensor:
+    w = _op_weight(weight, scales, zeros)
+    out = _new_out(gate_up.shape[0], w)
+    _launch(Prologue.SWIGLU, out, w, counters, partials, best, num_splits, x=gate_up)
     return out
 
 
 @torch.library.triton_op("olmo2_fast::decode_gemv_lm_head", mutates_args=_WORKSPACE_MUTATED + ("next_ids",))
 def _decode_gemv_lm_head_op(residual: torch.Tensor, delta: torch.Tensor, ff_norm_weight: torch.Tensor,
-                            final_norm_weight: torch.Tensor, weight: torch.Tensor, counters: torch.Tensor,
-                            partials: torch.Tensor, best: torch.Tensor, next_ids: torch.Tensor | None, eps: float,
-                            n_valid: int, num_splits: int) -> torch.Tensor:
-    out = _new_out(residual.shape[0], weight)
-    _launch(Prologue.FINAL_NORM, out, weight, counters, partials, best, num_splits, residual=residual,
+                            final_norm_weight: torch.Tensor, weight: torch.Tensor, scales: torch.Tensor | None,
+                            zeros: torch.Tensor | None, counters: torch.Tensor, partials: torch.Tensor,
+                            best: torch.Tensor, next_ids: torch.Tensor | None, eps: float, n_valid: int,
+                            num_splits: int) -> torch.Tensor:
+    w = _op_weight(weight, scales, zeros)
+    out = _new_out(residual.shape[0], w)
+    _launch(Prologue.FINAL_NORM, out, w, counters, partials, best, num_splits, residual=residual,
             delta=delta, norm_weight=ff_norm_weight, final_norm_weight=final_norm_weight, next_ids=next_ids,
             eps=eps, n_valid=n_valid)
     return out
@@ -558,22 +727,36 @@ def _span(t: torch.Tensor) -> tuple[int, int]:
     return start, start + extent * t.element_size()
 
 
-def _validate(weight: torch.Tensor, workspace: DecodeGemvWorkspace, m: int, inputs: dict[str, tuple],
-              *, ids=None, residual_out=None, next_ids=None, num_splits: int | None) -> int:
-    """Check a launch's tensors; returns the split count to launch with.
-
-    inputs: name -> (tensor, expected shape) for every floating input (weight's dtype and device,
-    contiguous last dim). ids (checked by the caller) is read too; residual_out is [M, K] and
-    overlaps nothing read; next_ids is [M] int64.
-    """
-    _check(isinstance(weight, torch.Tensor), f"weight must be a tensor, got {type(weight).__name__}", TypeError)
+def _weight_tensors(weight) -> dict[str, torch.Tensor]:
+    """The tensors a launch reads `weight` from, by name, after checking it: a dense [N, K] tensor
+    (float32/float16/bfloat16, checked with the other inputs) or an Int4Weight (kernels/int4_format.py
+    validate_int4_weight: its packed codes, scales and zeros)."""
+    if isinstance(weight, Int4Weight):
+        validate_int4_weight(weight)
+        return dict(weight=weight.packed, scales=weight.scales, zeros=weight.zeros)
+    _check(isinstance(weight, torch.Tensor), f"weight must be a tensor or an Int4Weight, got {type(weight).__name__}",
+           TypeError)
     _check(weight.dtype in FLOAT_DTYPES, f"weight must be float32/float16/bfloat16, got {weight.dtype}", TypeError)
     _check(weight.dim() == 2 and weight.shape[0] > 0 and weight.shape[1] > 0,
            f"weight must be [N, K] with N, K > 0, got shape {tuple(weight.shape)}")
+    return dict(weight=weight)
+
+
+def _validate(weight, workspace: DecodeGemvWorkspace, m: int, inputs: dict[str, tuple],
+              *, ids=None, residual_out=None, next_ids=None, num_splits: int | None) -> int:
+    """Check a launch's tensors; returns the split count to launch with.
+
+    weight: dense [N, K] or an Int4Weight. inputs: name -> (tensor, expected shape) for every floating
+    input (weight's dtype and device, contiguous last dim). ids (checked by the caller) is read too;
+    residual_out is [M, K] and overlaps nothing read; next_ids is [M] int64.
+    """
+    weights = _weight_tensors(weight)
     n, k = weight.shape
+    weight_format = WeightFormat.INT4 if isinstance(weight, Int4Weight) else WeightFormat.DENSE
     _check(isinstance(workspace, DecodeGemvWorkspace),
            f"workspace must be a DecodeGemvWorkspace from decode_gemv_workspace, got {type(workspace).__name__}", TypeError)
-    inputs = dict(inputs, weight=(weight, (n, k)))
+    if weight_format == WeightFormat.DENSE:
+        inputs = dict(inputs, weight=(weight, (n, k)))
     if residual_out is not None:
         inputs["residual_out"] = (residual_out, (m, k))
     for name, (t, shape) in inputs.items():
@@ -592,23 +775,25 @@ def _validate(weight: torch.Tensor, workspace: DecodeGemvWorkspace, m: int, inpu
            and (counters.dtype, partials.dtype, best.dtype) == (torch.int32, torch.float32, torch.int64),
            "workspace must hold contiguous 1-D int32 counters, float32 partials and int64 best: "
            "make it with decode_gemv_workspace", TypeError)
-    others = dict(workspace._asdict(), **{name: t for name, t in (("ids", ids), ("next_ids", next_ids)) if t is not None})
-    for name, t in dict({name: t for name, (t, _) in inputs.items()}, **others).items():
+    reads = dict(weights, **{name: t for name, (t, _) in inputs.items() if name != "residual_out"},
+                 **({} if ids is None else dict(ids=ids)))
+    others = dict(workspace._asdict(), **{name: t for name, t in (("residual_out", residual_out),
+                                                                  ("next_ids", next_ids)) if t is not None})
+    for name, t in dict(reads, **others).items():
         _check(t.device == weight.device, f"{name} is on {t.device} but weight is on {weight.device}")
     if residual_out is not None and weight.device.type != "meta" and not is_fake(residual_out):
         # Column block 0 writes residual_out while the other programs still read the inputs.
         # (Fake tensors, under torch.compile's tracing, have no addresses: checked when run eagerly.)
         first, last = _span(residual_out)
-        reads = dict({name: t for name, (t, _) in inputs.items()}, **({} if ids is None else dict(ids=ids)))
         for name, t in reads.items():
             start, end = _span(t)
-            _check(name == "residual_out" or end <= first or last <= start,
+            _check(end <= first or last <= start,
                    f"residual_out must not overlap {name}: other programs read {name} while it is written")
-    k_steps = triton.cdiv(k, gemv_plan(m, n, k, weight.dtype, 1).block_k)
+    k_steps = triton.cdiv(k, gemv_plan(m, n, k, weight.dtype, 1, weight_format=weight_format).block_k)
     _check(num_splits is None or (isinstance(num_splits, int) and not isinstance(num_splits, bool)
                                   and 1 <= num_splits <= k_steps),
            f"num_splits must be an int in 1..{k_steps} (the K steps of this shape), got {num_splits!r}")
-    plan = gemv_plan(m, n, k, weight.dtype, _sm_count(weight.device), num_splits)
+    plan = gemv_plan(m, n, k, weight.dtype, _sm_count(weight.device), num_splits, weight_format)
     needs = dict(counters=plan.col_blocks + 1, partials=plan.splits * m * n if plan.splits > 1 else 0, best=m)
     for name, size in needs.items():
         have = getattr(workspace, name).numel()
@@ -626,21 +811,22 @@ def _check_eps(eps) -> float:
 # --------------------------------------------------------------------------- public launchers
 #
 # Every launcher: weight [N, K] float32/float16/bfloat16 with a contiguous last dim (row stride
-# free); activations [M, ...] with 1 <= M <= 16 in weight's dtype, contiguous last dims, any row
-# stride; workspace from decode_gemv_workspace(shapes including (N, K), weight.dtype, device),
-# untouched by any launch that may run concurrently; num_splits overrides gemv_plan's split.
-# Returns out [M, N] contiguous in weight's dtype (float32 accumulation). No host sync.
+# free), or an Int4Weight of shape (N, K) (group 128, N % 8 == 0; its dtype is its scales'); activations
+# [M, ...] with 1 <= M <= 16 in weight's dtype, contiguous last dims, any row stride; workspace from
+# decode_gemv_workspace(shapes including (N, K), weight.dtype, device), untouched by any launch that
+# may run concurrently; num_splits overrides gemv_plan's split. Returns out [M, N] contiguous in
+# weight's dtype (float32 accumulation). No host sync.
 
 
-def decode_gemv(x: torch.Tensor, weight: torch.Tensor, workspace: DecodeGemvWorkspace, *,
+def decode_gemv(x: torch.Tensor, weight: Weight, workspace: DecodeGemvWorkspace, *,
                 num_splits: int | None = None) -> torch.Tensor:
     """out = x @ weight^T (o_proj). x: [M, K]."""
     m = _rows("x", x)
     splits = _validate(weight, workspace, m, dict(x=(x, (m, weight.shape[-1]))), num_splits=num_splits)
-    return torch.ops.olmo2_fast.decode_gemv(x, weight, *workspace, splits)
+    return torch.ops.olmo2_fast.decode_gemv(x, *_weight_args(weight), *workspace, splits)
 
 
-def decode_gemv_embedding(ids: torch.Tensor, embed: torch.Tensor, weight: torch.Tensor,
+def decode_gemv_embedding(ids: torch.Tensor, embed: torch.Tensor, weight: Weight,
                           workspace: DecodeGemvWorkspace, residual_out: torch.Tensor, *,
                           num_splits: int | None = None) -> torch.Tensor:
     """out = embed[ids] @ weight^T (layer 0's qkv), and residual_out = embed[ids] (the residual).
@@ -657,11 +843,12 @@ def decode_gemv_embedding(ids: torch.Tensor, embed: torch.Tensor, weight: torch.
     m, k = ids.shape[0], weight.shape[-1]
     splits = _validate(weight, workspace, m, dict(embed=(embed, (embed.shape[0], k))), ids=ids,
                        residual_out=residual_out, num_splits=num_splits)
-    return torch.ops.olmo2_fast.decode_gemv_embedding(ids, embed, weight, *workspace, residual_out, splits)
+    return torch.ops.olmo2_fast.decode_gemv_embedding(ids, embed, *_weight_args(weight), *workspace,
+                                                      residual_out, splits)
 
 
 def decode_gemv_residual_norm(residual: torch.Tensor, delta: torch.Tensor, norm_weight: torch.Tensor,
-                              weight: torch.Tensor, workspace: DecodeGemvWorkspace, residual_out: torch.Tensor, *,
+                              weight: Weight, workspace: DecodeGemvWorkspace, residual_out: torch.Tensor, *,
                               eps: float, num_splits: int | None = None) -> torch.Tensor:
     """x = residual + rmsnorm(delta) * norm_weight (OLMo 2's post-norm, HF rounding); out = x @ weight^T;
     residual_out = x (the next residual). qkv (delta = the previous layer's down_proj output, norm_weight
@@ -674,11 +861,12 @@ def decode_gemv_residual_norm(residual: torch.Tensor, delta: torch.Tensor, norm_
     splits = _validate(weight, workspace, m, dict(residual=(residual, (m, k)), delta=(delta, (m, k)),
                                                   norm_weight=(norm_weight, (k,))),
                        residual_out=residual_out, num_splits=num_splits)
-    return torch.ops.olmo2_fast.decode_gemv_residual_norm(residual, delta, norm_weight, weight, *workspace,
+    return torch.ops.olmo2_fast.decode_gemv_residual_norm(residual, delta, norm_weight, *_weight_args(weight),
+                                                          *workspace,
                                                           residual_out, _check_eps(eps), splits)
 
 
-def decode_gemv_swiglu(gate_up: torch.Tensor, weight: torch.Tensor, workspace: DecodeGemvWorkspace, *,
+def decode_gemv_swiglu(gate_up: torch.Tensor, weight: Weight, workspace: DecodeGemvWorkspace, *,
                        num_splits: int | None = None) -> torch.Tensor:
     """out = (silu(gate) * up) @ weight^T (down_proj), read straight from gate_up's output.
 
@@ -687,11 +875,11 @@ def decode_gemv_swiglu(gate_up: torch.Tensor, weight: torch.Tensor, workspace: D
     m = _rows("gate_up", gate_up)
     splits = _validate(weight, workspace, m, dict(gate_up=(gate_up, (m, 2 * weight.shape[-1]))),
                        num_splits=num_splits)
-    return torch.ops.olmo2_fast.decode_gemv_swiglu(gate_up, weight, *workspace, splits)
+    return torch.ops.olmo2_fast.decode_gemv_swiglu(gate_up, *_weight_args(weight), *workspace, splits)
 
 
 def decode_gemv_lm_head(residual: torch.Tensor, delta: torch.Tensor, ff_norm_weight: torch.Tensor,
-                        final_norm_weight: torch.Tensor, weight: torch.Tensor, workspace: DecodeGemvWorkspace, *,
+                        final_norm_weight: torch.Tensor, weight: Weight, workspace: DecodeGemvWorkspace, *,
                         eps: float, next_ids: torch.Tensor | None = None, n_valid: int | None = None,
                         num_splits: int | None = None) -> torch.Tensor:
     """logits = rmsnorm(residual + rmsnorm(delta) * ff_norm_weight) * final_norm_weight @ weight^T:
@@ -704,7 +892,7 @@ def decode_gemv_lm_head(residual: torch.Tensor, delta: torch.Tensor, ff_norm_wei
     n_valid: columns the argmax may pick, 1..N (default N): the tokenizer's vocabulary.
     """
     m = _rows("residual", residual)
-    n, k = weight.shape if isinstance(weight, torch.Tensor) and weight.dim() == 2 else (0, 0)
+    n, k = weight.shape if isinstance(weight, (torch.Tensor, Int4Weight)) and len(weight.shape) == 2 else (0, 0)
     n_valid = n if n_valid is None else n_valid
     _check(isinstance(n_valid, int) and not isinstance(n_valid, bool) and 1 <= n_valid <= n,
            f"n_valid must be an int in 1..N = 1..{n}, got {n_valid!r}")
@@ -712,32 +900,39 @@ def decode_gemv_lm_head(residual: torch.Tensor, delta: torch.Tensor, ff_norm_wei
                                                   ff_norm_weight=(ff_norm_weight, (k,)),
                                                   final_norm_weight=(final_norm_weight, (k,))),
                        next_ids=next_ids, num_splits=num_splits)
-    return torch.ops.olmo2_fast.decode_gemv_lm_head(residual, delta, ff_norm_weight, final_norm_weight, weight,
+    return torch.ops.olmo2_fast.decode_gemv_lm_head(residual, delta, ff_norm_weight, final_norm_weight,
+                                                    *_weight_args(weight),
                                                     *workspace, next_ids, _check_eps(eps), n_valid, splits)
 
 
 # --------------------------------------------------------------------------- references
+#
+# The unfused sequence in the inputs' dtype: float64 inputs give the oracle (an Int4Weight then
+# multiplies as its exact ŵ), 16-bit ones what torch computes (with dequantize_int4's dtype weights).
 
 
-def decode_gemv_reference(x: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
-    """The unfused sequence in the inputs' dtype (float64 inputs give the oracle)."""
-    return F.linear(x, weight)
+def _dense(weight, dtype: torch.dtype) -> torch.Tensor:
+    return dequantize_int4(weight, dtype) if isinstance(weight, Int4Weight) else weight
+
+
+def decode_gemv_reference(x: torch.Tensor, weight) -> torch.Tensor:
+    return F.linear(x, _dense(weight, x.dtype))
 
 
 def decode_gemv_embedding_reference(ids, embed, weight) -> tuple[torch.Tensor, torch.Tensor]:
     """(out, residual_out)."""
     x = embed[ids]
-    return F.linear(x, weight), x
+    return F.linear(x, _dense(weight, x.dtype)), x
 
 
 def decode_gemv_residual_norm_reference(residual, delta, norm_weight, weight, eps) -> tuple[torch.Tensor, torch.Tensor]:
     """(out, residual_out): HF's `residual + post_norm(delta)`, then the projection."""
     x = residual + rms_norm_reference(delta, norm_weight, eps)
-    return F.linear(x, weight), x
+    return F.linear(x, _dense(weight, x.dtype)), x
 
 
 def decode_gemv_swiglu_reference(gate_up, weight) -> torch.Tensor:
-    return F.linear(swiglu_reference(gate_up), weight)
+    return F.linear(swiglu_reference(gate_up), _dense(weight, gate_up.dtype))
 
 
 def decode_gemv_lm_head_reference(residual, delta, ff_norm_weight, final_norm_weight, weight, eps,
@@ -745,7 +940,7 @@ def decode_gemv_lm_head_reference(residual, delta, ff_norm_weight, final_norm_we
     """(logits, greedy next ids): the last post-norm residual, model.norm, lm_head, then
     sampling.py's greedy pick (argmax of the logits over the first n_valid columns)."""
     h = residual + rms_norm_reference(delta, ff_norm_weight, eps)
-    logits = F.linear(rms_norm_reference(h, final_norm_weight, eps), weight)
+    logits = F.linear(rms_norm_reference(h, final_norm_weight, eps), _dense(weight, h.dtype))
     return logits, logits[:, :n_valid].argmax(-1)
 
 
@@ -753,10 +948,10 @@ def decode_gemv_lm_head_reference(residual, delta, ff_norm_weight, final_norm_we
 
 
 def decode_gemv_cost(m: int, n: int, k: int, dtype: torch.dtype, prologue: Prologue = Prologue.NONE,
-                     argmax: bool = False) -> Cost:
-    """Minimum traffic: the weights once, the prologue's inputs once, out (and residual_out / next ids)
-    once; the workspace is overhead, not counted. FLOPs: 2*M*N*K plus the prologue's element-wise work
-    (per element: norm 4 and residual add 1; SwiGLU 4)."""
+                     argmax: bool = False, weight_format: WeightFormat = WeightFormat.DENSE) -> Cost:
+    """Minimum traffic: the weights once (int4: packed codes, scales and zeros), the prologue's inputs
+    once, out (and residual_out / next ids) once; the workspace is overhead, not counted. FLOPs:
+    2*M*N*K plus the prologue's element-wise work (per element: norm 4 and residual add 1; SwiGLU 4)."""
     size = itemsize(dtype)
     inputs = {  # elements read per row, elements of vectors read once, elements written per row, FLOPs per row
         Prologue.NONE: (k, 0, 0, 0),
@@ -767,5 +962,6 @@ def decode_gemv_cost(m: int, n: int, k: int, dtype: torch.dtype, prologue: Prolo
     }[Prologue(prologue)]
     per_row, vectors, written, flops = inputs
     index_bytes = 8 * m * (prologue == Prologue.EMBEDDING) + 8 * m * argmax
-    return Cost(bytes=(n * k + m * (per_row + written + n) + vectors) * size + index_bytes,
+    weight_bytes = int4_weight_bytes(n, k, dtype) if weight_format == WeightFormat.INT4 else n * k * size
+    return Cost(bytes=weight_bytes + (m * (per_row + written + n) + vectors) * size + index_bytes,
                 flops=2 * m * n * k + m * flops)

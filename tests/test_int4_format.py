@@ -5,35 +5,56 @@ from safetensors.torch import load_file, save_file
 
 from harness import ALL_DTYPES
 from olmo2_fast.kernels.int4_format import (
-    Int4Weight, dequantize_int4, int4_quantization_error, int4_tensors, pack_int4, quantize_int4, unpack_int4,
+    INT4_BASES, INT4_MAGIC, Int4Weight, dequantize_int4, int4_quantization_error, int4_tensors, pack_int4,
+    quantize_int4, unpack_int4, validate_int4_weight,
 )
 
 
-@pytest.mark.parametrize("n, k", [(1, 8), (5, 64), (96, 384), (200, 1024)])
+@pytest.mark.parametrize("n, k", [(8, 32), (16, 64), (96, 384), (200, 1024)])
 def test_pack_unpack_roundtrip(n, k):
     q = torch.randint(0, 16, (n, k), dtype=torch.uint8)
     packed = pack_int4(q)
-    assert packed.shape == (k // 8, n) and packed.dtype == torch.int32
+    assert packed.shape == (n // 8, k // 32, 8, 4) and packed.dtype == torch.int32
     assert torch.equal(unpack_int4(packed), q)
-    words = torch.randint(-2**31, 2**31, (k // 8, n), dtype=torch.int32)
+    words = torch.randint(-2**31, 2**31, (n // 8, k // 32, 8, 4), dtype=torch.int32)
     assert torch.equal(pack_int4(unpack_int4(words)), words)
 
 
 def test_packed_bit_layout():
-    """Word (r, n) holds codes k = 8r..8r+7 of output n, code k-8r in bits 4(k-8r)..4(k-8r)+3."""
-    q = torch.zeros(2, 16, dtype=torch.uint8)
-    q[0, :8] = torch.arange(1, 9)  # 0x87654321: bit 31 set, stored as a negative int32
-    q[1, 8:] = torch.tensor([15, 0, 0, 0, 0, 0, 0, 0])
+    """packed[b, u, r, i] holds codes k = 32u + 8i + c of output n = 8b + r, code c in bits (4c + 3) mod 32 up:
+    the natural nibble order rotated left by 3 bits."""
+    q = torch.zeros(16, 64, dtype=torch.uint8)
+    q[0, :8] = torch.arange(1, 9)      # natural 0x87654321, rotated left by 3: 0x3B2A1908 + bit 2 from the 8
+    q[9, 40:48] = torch.tensor([0, 0, 0, 0, 0, 0, 0, 15])  # code 7 wraps: bits 31, 0, 1, 2
+    q[3, 8:16] = torch.tensor([15, 0, 0, 0, 0, 0, 0, 0])   # code 0: bits 3..6
     packed = pack_int4(q)
-    assert packed[0, 0].item() == 0x87654321 - 2**32
-    assert packed[1, 1].item() == 0xF and packed[1, 0].item() == 0 and packed[0, 1].item() == 0
+    assert packed[0, 0, 0, 0].item() == ((0x87654321 << 3) | (0x87654321 >> 29)) & 0xFFFFFFFF
+    assert packed[1, 1, 1, 1].item() == -2**31 + 0b111  # row 9 = block 1 row 1; k 40 = unit 1 word 1
+    assert packed[0, 0, 3, 1].item() == 0xF << 3
+    assert torch.count_nonzero(packed).item() == 3
+
+
+def test_the_kernels_views_read_the_codes():
+    """What kernels/int4_tiles.py int4_code_values computes, in PyTorch: rotating a word right by (4c + 3 - f)
+    mod 32 and OR-ing bits f..f+3 into the float32 magic number reads code c as base + q, base 16 (f = 19) for
+    even c and 256 (f = 15) for odd c."""
+    q = torch.randint(0, 16, (8, 32), dtype=torch.uint8)
+    words = pack_int4(q)[0, 0].to(torch.int64) & 0xFFFFFFFF  # [8 rows, 4 words]
+    for c in range(8):
+        field, magic, base = (19, INT4_MAGIC[0], INT4_BASES[0]) if c % 2 == 0 else (15, INT4_MAGIC[1], INT4_BASES[1])
+        rotation = (4 * c + 3 - field) % 32
+        view = ((words >> rotation) | (words << (32 - rotation))) & 0xFFFFFFFF
+        bits = ((view & (0xF << field)) | magic).to(torch.int32)
+        assert torch.equal(bits.view(torch.float32), base + q.view(8, 4, 8)[:, :, c].float()), c
 
 
 def test_pack_rejects_bad_shapes():
-    with pytest.raises(ValueError, match="K % 8"):
-        pack_int4(torch.zeros(4, 12, dtype=torch.uint8))
+    with pytest.raises(ValueError, match="N % 8 == 0 and K % 32 == 0"):
+        pack_int4(torch.zeros(8, 48, dtype=torch.uint8))
+    with pytest.raises(ValueError, match="N % 8 == 0 and K % 32 == 0"):
+        pack_int4(torch.zeros(12, 64, dtype=torch.uint8))
     with pytest.raises(ValueError, match="int32"):
-        unpack_int4(torch.zeros(4, 12, dtype=torch.int64))
+        unpack_int4(torch.zeros(1, 2, 8, 4, dtype=torch.int64))
 
 
 @pytest.mark.parametrize("dtype", ALL_DTYPES)
@@ -54,6 +75,25 @@ def test_dequant_error_within_half_a_step(dtype):
 
 
 @pytest.mark.parametrize("dtype", ALL_DTYPES)
+def test_dequantize_rounds_once_from_the_exact_weight(dtype):
+    """dequantize_int4 in float64 is ŵ = (q - 8) s + z exactly (16-bit scales: the products fit), and in the
+    dtype it is that value rounded to float32, then to the dtype: within half a dtype ulp (plus a float32
+    one) of ŵ, which is what the M = 1 decode GEMV multiplies with."""
+    qw = quantize_int4(torch.randn(64, 512).to(dtype))
+    exact = dequantize_int4(qw, torch.float64)
+    q = unpack_int4(qw.packed).double().view(64, 4, 128)
+    s, z = qw.scales.double().T.unsqueeze(-1), qw.zeros.double().T.unsqueeze(-1)
+    product = ((q - 8) * s).view(64, 512)
+    if dtype != torch.float32:
+        assert torch.equal(exact, product + z.expand(-1, -1, 128).reshape(64, 512))
+    rounded = dequantize_int4(qw)
+    half_ulp = (torch.finfo(dtype).eps * exact.abs() + torch.finfo(dtype).tiny) / 2
+    float32_steps = torch.finfo(torch.float32).eps * (product.abs() + z.abs().expand(-1, -1, 128).reshape(64, 512))
+    assert ((rounded.double() - exact).abs() <= half_ulp + float32_steps).all()
+    assert torch.equal(dequantize_int4(qw, torch.float32).to(dtype), rounded)
+
+
+@pytest.mark.parametrize("dtype", ALL_DTYPES)
 def test_representable_weights_are_exact(dtype):
     """Weights already on a 4-bit grid (each group spanning codes 0..15) come back bit-exact."""
     n, k, group = 16, 256, 128
@@ -71,7 +111,7 @@ def test_representable_weights_are_exact(dtype):
 
 @pytest.mark.parametrize("dtype", ALL_DTYPES)
 def test_constant_groups_have_zero_scale_and_no_nan(dtype):
-    w = torch.randn(4, 384).to(dtype)
+    w = torch.randn(8, 384).to(dtype)
     w[0, :128] = 0.0
     w[1, 128:256] = -3.25
     w[2] = 7.0
@@ -90,16 +130,18 @@ def test_scale_dtype_can_differ_from_the_weight():
 
 def test_quantize_bad_inputs():
     with pytest.raises(ValueError, match="not a multiple of the int4 group size 128"):
-        quantize_int4(torch.randn(4, 200))
-    with pytest.raises(ValueError, match="multiple of 8"):
-        quantize_int4(torch.randn(4, 256), group_size=12)
+        quantize_int4(torch.randn(8, 200))
+    with pytest.raises(ValueError, match="multiple of 32"):
+        quantize_int4(torch.randn(8, 256), group_size=48)
+    with pytest.raises(ValueError, match="out_features N=12 is not a multiple of 8"):
+        quantize_int4(torch.randn(12, 256))
     with pytest.raises(TypeError, match="2-D"):
         quantize_int4(torch.randn(256))
     with pytest.raises(TypeError, match="2-D"):
         quantize_int4(torch.ones(4, 256, dtype=torch.int32))
     with pytest.raises(TypeError, match="scale dtype"):
-        quantize_int4(torch.randn(4, 256), dtype=torch.float64)
-    w = torch.randn(4, 256)
+        quantize_int4(torch.randn(8, 256), dtype=torch.float64)
+    w = torch.randn(8, 256)
     w[1, 3] = float("nan")
     with pytest.raises(ValueError, match="inf or NaN"):
         quantize_int4(w)
@@ -126,6 +168,23 @@ def test_from_tensors_rejects_bad_checkpoints():
         Int4Weight.from_tensors(dict(tensors, zeros=tensors["zeros"].half()))
     with pytest.raises(ValueError, match="int32"):
         Int4Weight.from_tensors(dict(tensors, qweight=tensors["qweight"].long()))
+    with pytest.raises(ValueError, match=r"int32 \[N / 8, K / 32, 8, 4\]"):
+        Int4Weight.from_tensors(dict(tensors, qweight=tensors["qweight"].reshape(2, 8, 4, 8)))
+
+
+def test_validate_names_what_the_kernels_cannot_take():
+    qw = quantize_int4(torch.randn(16, 256))
+    validate_int4_weight(qw)
+    with pytest.raises(TypeError, match="expected an Int4Weight"):
+        validate_int4_weight(qw.packed)
+    with pytest.raises(ValueError, match="support group size 128"):
+        validate_int4_weight(quantize_int4(torch.randn(16, 256), group_size=64))
+    with pytest.raises(TypeError, match="share a float32/float16/bfloat16 dtype"):
+        validate_int4_weight(Int4Weight(qw.packed, qw.scales, qw.zeros.half(), qw.shape))
+    with pytest.raises(ValueError, match=r"zeros must be \[2, 16\]"):
+        validate_int4_weight(Int4Weight(qw.packed, qw.scales, qw.zeros[:1], qw.shape))
+    with pytest.raises(ValueError, match="int4 zeros is on meta"):
+        validate_int4_weight(Int4Weight(qw.packed, qw.scales, qw.zeros.to("meta"), qw.shape))
 
 
 def test_to_device():

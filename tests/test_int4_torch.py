@@ -1,5 +1,9 @@
 """int4 on the torch backend: the plain-PyTorch path (dequantise and matmul) any CPU runs without
-Triton's interpreter, its equality with the reference on dequantised weights, and its checkpoints."""
+Triton's interpreter, its equality with the reference on dequantised weights, and its checkpoints
+(those of the previous packed layout too)."""
+import json
+
+import pytest
 import torch
 
 from checkpoints import make_checkpoint
@@ -40,3 +44,42 @@ def test_int4_checkpoints_move_between_backends(tmp_path):
         written.update(load_file(shard))
     assert set(written) == set(from_kernels)
     assert all(torch.equal(written[k], from_kernels[k]) for k in written)
+
+
+def _legacy_qweight(packed: torch.Tensor) -> torch.Tensor:
+    """The layout before "int32-n8k32-rotl3": [K / 8, N] int32, codes k = 8r..8r+7 of output n in word
+    (r, n), code k - 8r in bits 4(k - 8r)..4(k - 8r)+3."""
+    from olmo2_fast.kernels.int4_format import unpack_int4
+    codes = unpack_int4(packed).to(torch.int64)  # [N, K]
+    n, k = codes.shape
+    words = (codes.T.reshape(k // 8, 8, n) << (4 * torch.arange(8).view(1, 8, 1))).sum(1)
+    return (words - ((words >> 31) << 32)).to(torch.int32)
+
+
+@pytest.mark.parametrize("layout", ["int32-k8-n", None], ids=["int32-k8-n", "no-layout-entry"])
+def test_checkpoints_in_the_previous_layout_load_repacked(tmp_path, layout):
+    """int4 checkpoints saved before the rotated row-block packing (layout "int32-k8-n", or with no layout in
+    config.json) load on both backends, repacked at load to the same codes: logits bit for bit; saving them
+    again writes the current layout."""
+    from safetensors.torch import load_file, save_file
+    from olmo2_fast.quantization import INT4
+    source = make_checkpoint(tmp_path / "src", seed=10, **INT4_SHAPE)
+    model = OLMo2.from_pretrained(source, device="cpu", backend="torch", quantize="int4")
+    saved = model.save_pretrained(tmp_path / "int4")
+    for shard in saved.glob("model*.safetensors"):
+        tensors = load_file(shard)
+        save_file({name: _legacy_qweight(t) if name.endswith(".qweight") else t for name, t in tensors.items()}, shard,
+                  metadata={"format": "pt"})
+    config = json.loads((saved / "config.json").read_text())
+    if layout is None:
+        del config["quantization_config"]["layout"]
+    else:
+        config["quantization_config"]["layout"] = layout
+    (saved / "config.json").write_text(json.dumps(config))
+    ids = torch.randint(0, 400, (1, 9))
+    old = OLMo2.from_pretrained(saved, device="cpu", backend="torch")
+    torch.testing.assert_close(old(ids), model(ids), rtol=0, atol=0)
+    again = old.save_pretrained(tmp_path / "again")
+    assert json.loads((again / "config.json").read_text())["quantization_config"]["layout"] == INT4.layout
+    on_kernels = OLMo2.from_pretrained(saved, device="cpu", backend="triton")
+    torch.testing.assert_close(on_kernels(ids), model(ids), rtol=1e-4, atol=1e-4)
