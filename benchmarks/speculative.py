@@ -24,6 +24,7 @@ from dataclasses import dataclass
 import torch
 
 from olmo2_fast.cache import KVCache
+from olmo2_fast.errors import ConfigError
 from olmo2_fast.scheduler import Request, Scheduler
 from olmo2_fast.speculative import Speculation, SpeculationStats, SpeculativeDecoder
 
@@ -76,7 +77,7 @@ def run_speculative(target, draft, prompt_lookup: int | None, ks: list[int], pro
     prompt = tuple(target.tokenizer.encode(prompt_text))
     seq = len(prompt) + new_tokens + max(ks)
     if seq > target.config.max_position_embeddings:
-        raise ValueError(f"a prompt of {len(prompt)} tokens, {new_tokens} new tokens and {max(ks)} drafts exceed the "
+        raise ConfigError(f"a prompt of {len(prompt)} tokens, {new_tokens} new tokens and {max(ks)} drafts exceed the "
                          f"model's context of {target.config.max_position_embeddings} positions")
     ids_only = _IdsOnly(target.tokenizer.vocab_size)
 

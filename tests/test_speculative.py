@@ -16,12 +16,13 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-from checkpoints import make_checkpoint
+from checkpoints import BASE, make_checkpoint
 from fake_graphs import FakeGraphRecorder
 from harness import DEVICE
 from olmo2_fast import OLMo2
 from olmo2_fast.api import TOKENIZER_FILES
 from olmo2_fast.cache import KVCache
+from olmo2_fast.chunk_steps import ChunkGraph
 from olmo2_fast.checkpoint import save_checkpoint
 from olmo2_fast.cli import main
 from olmo2_fast.config import Olmo2Config
@@ -237,12 +238,41 @@ def test_a_chat_session_replies_as_without_and_reuses_its_cache(plain, paths):
     assert replies[0] == replies[1] and reused[0] - 1 <= reused[1] > 0
 
 
+def test_a_shared_draft_model_is_held_while_the_target_generates(paths):
+    draft = OLMo2.from_pretrained(paths["noisy"], device="cpu")
+    model = OLMo2.from_pretrained(paths["target"], device="cpu", draft=draft)
+    stream = model.stream(PROMPTS[0], max_new_tokens=10)
+    next(stream)
+    with pytest.raises(GenerationError, match="already generating in this thread"):  # its cache is in use
+        draft.generate(PROMPTS[1], max_new_tokens=2)
+    stream.close()
+    alone = OLMo2.from_pretrained(paths["noisy"], device="cpu")
+    assert draft.generate(PROMPTS[1], max_new_tokens=6) == alone.generate(PROMPTS[1], max_new_tokens=6)
+
+
 def test_prompt_lookup_proposes_what_followed_the_most_recent_occurrence():
     lookup = PromptLookup(2)
     assert lookup.propose([1, 2, 3, 4, 1, 2, 5, 6, 1, 2], 3) == [5, 6, 1]  # the later of two matches
     assert lookup.propose([1, 2, 3, 4, 1, 2, 5, 6, 1, 2, 9], 3) == []      # (2, 9) never occurred before
     assert PromptLookup(3).propose([7, 7, 7, 7], 5) == [7]                # overlapping, up to the end
     assert PromptLookup(2).propose([4], 3) == []
+
+
+def test_the_verify_graph_replays_each_chunk_on_its_own_inputs():
+    """ChunkGraph over a probe step (plain torch, as tests/test_graphs.py's): every replay sees the chunk's
+    ids in its first rows, positions start.., the cache length start + rows, and writes only its slots."""
+    def probe(batch, cache):
+        cache.k[0, 0, 0, batch.positions.long(), 0] = batch.input_ids.float()
+        return torch.stack([batch.input_ids.float(), batch.positions.float(),
+                            batch.kv_lens.float().expand(batch.input_ids.shape[0])], 1)
+    cache = KVCache(Olmo2Config(**{**BASE, "num_hidden_layers": 1}), 1, 16, torch.float32, "cpu")
+    recorder = FakeGraphRecorder()
+    graph = ChunkGraph(probe, cache, 4, recorder)
+    for ids, start in (([7, 8, 9, 10], 0), ([5, 6], 3), ([4], 12)):
+        out = graph(torch.tensor(ids), start)
+        assert out.tolist() == [[t, start + i, start + 4] for i, t in enumerate(ids)]
+        assert cache.k[0, 0, 0, start:start + len(ids), 0].tolist() == ids
+    assert len(recorder.captures) == 1 and graph.fits(torch.tensor([1]), 12) and not graph.fits(torch.tensor([1]), 13)
 
 
 # ---------------------------------------------------------------------------------------- the kernels
