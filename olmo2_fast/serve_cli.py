@@ -92,9 +92,9 @@ def cmd_serve(args) -> int:
     if warning:
         print(f"[olmo2-fast] {warning}", file=sys.stderr)
     model = load_model(args)
-    if model.speculation is not None:  # the worker steps the batching Scheduler (server_worker.py)
-        print("[olmo2-fast] note: the server decodes its batches without speculative decoding; --draft and "
-              "--prompt-lookup speed up single-prompt generate and chat", file=sys.stderr)
+    if model.speculation is not None and args.max_batch_size > 1:  # speculation runs one sequence at a time
+        print("[olmo2-fast] note: with --max-batch-size above 1 the server decodes its batches without speculative "
+              "decoding; --max-batch-size 1 makes it speculate", file=sys.stderr)
     name = args.served_model_name or args.model or "olmo2-fast-demo"
     app = create_app(model, model_name=name, api_key=args.api_key, max_batch_size=args.max_batch_size,
                      max_queue=args.max_queue)

@@ -27,6 +27,7 @@ from .cache import KVCache
 from .errors import GenerationError
 from .graphs import bucket_for
 from .scheduler import Request, Scheduler, Sequence, TokenLogprob
+from .speculative import SpeculativeDecoder
 
 logger = logging.getLogger("olmo2_fast")
 
@@ -103,8 +104,8 @@ class Worker:
         if getattr(model.engine, "graphs", None) is not None:
             rows = bucket_for(rows)  # a CUDA-graph bucket pads a smaller batch with spare cache rows
         cache = KVCache(model.config, rows, model.config.max_position_embeddings, model.dtype, model.device)
-        self.model, self.cache = model, cache
-        self.scheduler = Scheduler(model.engine, model.tokenizer, cache)
+        self.model, self.cache, self.max_batch_size = model, cache, max_batch_size
+        self.scheduler = self._new_scheduler()
         self.capacity = max_batch_size + max_queue
         self._inbox: queue.SimpleQueue = queue.SimpleQueue()
         self._lock = threading.Lock()
@@ -166,10 +167,19 @@ class Worker:
             for sequence, (ticket, index) in list(self._owners.items()):
                 self._deliver(ticket, Update(index, "", (), len(sequence.sampled), "error", error))
                 self._forget(sequence, "error")
-            self.scheduler = Scheduler(self.model.engine, self.model.tokenizer, self.cache)
+            self.scheduler = self._new_scheduler()
             return
         for sequence in list(self._owners):  # every one: a waiting sequence may have been cancelled
             self._report(sequence)
+
+    def _new_scheduler(self):
+        """The loop the worker steps: speculative decoding when the model is configured for it and the
+        server runs one sequence at a time, else the batching Scheduler, capped at --max-batch-size
+        (the cache may have more rows: a CUDA-graph bucket's padding)."""
+        model = self.model
+        if model.speculation is not None and self.max_batch_size == 1:
+            return SpeculativeDecoder(model.engine, model.tokenizer, self.cache, model.speculation)
+        return Scheduler(model.engine, model.tokenizer, self.cache, max_running=self.max_batch_size)
 
     def _admit(self, ticket: Ticket):
         if ticket.cancelled:

@@ -628,3 +628,16 @@ def test_bench_serve_smoke(checkpoint, tmp_path, capsys):
         assert 0 < row["ttft_ms_p50"] <= row["ttft_ms_p90"] <= row["ttft_ms_p99"] <= row["total_ms_p99"]
         assert row["mode"] == doc["environment"]["mode"]
     assert "tokens/s" in capsys.readouterr().out
+
+
+def test_a_one_sequence_server_decodes_speculatively(checkpoint):
+    lookup = OLMo2.from_pretrained(checkpoint, device="cpu", backend="torch", prompt_lookup=2)
+    plain = OLMo2.from_pretrained(checkpoint, device="cpu", backend="torch")
+    prompt = "one two three one two three one two"
+    with serve(lookup, max_batch_size=1, max_queue=4) as s:
+        assert type(s.worker.scheduler).__name__ == "SpeculativeDecoder"
+        r = s.client().completions.create(model=NAME, prompt=prompt, max_tokens=12, temperature=0)
+        assert r.choices[0].text == plain.generate(prompt, max_new_tokens=12)
+        assert r.usage.completion_tokens == len(plain.generate(plain.tokenizer.encode(prompt), max_new_tokens=12))
+    with serve(lookup, max_batch_size=2, max_queue=4) as s:  # batches decode without speculation
+        assert type(s.worker.scheduler).__name__ == "Scheduler" and s.worker.scheduler.max_running == 2
