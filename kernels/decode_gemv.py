@@ -13,6 +13,16 @@
 # into cp.async stages), and the first tile is loaded before waiting on the previous kernel
 # (PDL: weights are never written by a predecessor; see kernels/pdl.py).
 #
+# Weight formats (WEIGHT_FORMAT constexpr, `WeightFormat`): DENSE W [N, K], or INT4 (an
+# Int4Weight, kernels/int4_format.py; the device code is kernels/int4_tiles.py). int4, M == 1: a
+# thread owns one 32-code unit (a 16-byte load) of each of the program's 8 or 16 rows and the
+# input row's 32 matching values (64 contiguous bytes, loaded once per program: lanes and warps
+# go along K); it reads the codes as float32 base + q (3 shifts and 8 LOP3s per 8 codes), sums
+# x (base + q) with one FFMA per weight and applies the unit's scale and zero once per row:
+# the unrounded weights (q - 8) s + z, within half a dtype ulp of dequantize_int4's. One tile in
+# registers, the first peeled before the PDL wait (see the loop). int4, M >= 2: the tile is
+# dequantised in registers to exactly dequantize_int4's dtype weights, then the dot as dense.
+#
 # Prologues (PROLOGUE constexpr, `Prologue` below), each with HF's rounding steps:
 #   NONE           x given                                               (o_proj)
 #   EMBEDDING      x = embed[ids]                                        (layer 0's qkv)
@@ -55,10 +65,11 @@
 # griddepcontrol.wait (or stream order). Consequently one workspace serves every launch of a
 # stream in turn, but never two launches that may run at the same time (two streams).
 #
-# Layouts: W [N, K] (Hugging Face, row stride free, K contiguous) in float32/float16/bfloat16;
-# activation rows with contiguous last dims and free row strides; out [M, N] contiguous in W's
-# dtype. Limits: M <= 16 (DECODE_MAX_ROWS); ids and n_valid inside their ranges (not checked:
-# that needs a host sync). No host sync anywhere: capturable in a CUDA graph.
+# Layouts: W [N, K] (Hugging Face, row stride free, K contiguous) in float32/float16/bfloat16,
+# or an Int4Weight (group 128, contiguous tensors; its dtype is its scales'); activation rows
+# with contiguous last dims and free row strides; out [M, N] contiguous in W's dtype. Limits:
+# M <= 16 (DECODE_MAX_ROWS); ids and n_valid inside their ranges (not checked: that needs a host
+# sync). No host sync anywhere: capturable in a CUDA graph.
 from __future__ import annotations
 
 import enum

@@ -118,7 +118,7 @@ class OLMo2:
 
     @classmethod
     def from_pretrained(cls, path: str | Path, *, device=None, dtype=None, backend: str = "auto",
-                        quantize: str | None = None, revision: str | None = None,
+                        quantize: str | None = None, quantize_lm_head: bool = False, revision: str | None = None,
                         max_batch_size: int | None = None, max_seq_len: int | None = None,
                         progress: bool | None = None, cuda_graphs: bool = True, decode_path: str = "auto", draft=None,
                         num_speculative_tokens: int | None = None, prompt_lookup: int | None = None) -> "OLMo2":
@@ -129,6 +129,7 @@ class OLMo2:
         "torch" (the plain-PyTorch reference) or "auto" (triton on CUDA, torch on a CPU; triton on
         a CPU runs the kernels under Triton's interpreter: slow, for testing). quantize: None or
         "int4" (group-128 weight-only; the kernels on triton, dequantise-and-matmul on torch).
+        quantize_lm_head: quantise lm_head too (off by default: its accuracy cost is in the README).
         max_batch_size / max_seq_len: preallocate the KV cache (default: grown to fit each
         request). progress: progress bar over tensors (default: when stderr is a terminal).
         cuda_graphs: replay decode steps as CUDA graphs. decode_path (backend "triton"): "fused" (five
@@ -153,10 +154,12 @@ class OLMo2:
         speculation = Speculation.configure(  # before the target's weights: a refused draft fails fast
             directory, config, device, draft, num_speculative_tokens, prompt_lookup,
             load_draft=lambda path: cls.from_pretrained(path, device=device, dtype=dtype, backend=backend,
-                                                        quantize=quantize, progress=progress, cuda_graphs=cuda_graphs,
+                                                        quantize=quantize, quantize_lm_head=quantize_lm_head,
+                                                        progress=progress, cuda_graphs=cuda_graphs,
                                                         decode_path=decode_path))
         engine = build_engine(config, iter_checkpoint(directory, config, dtype, device, progress), backend=backend,
-                              device=device, quantize=quantize, cuda_graphs=cuda_graphs, decode_path=decode_path,
+                              device=device, quantize=quantize, quantize_lm_head=quantize_lm_head,
+                              cuda_graphs=cuda_graphs, decode_path=decode_path,
                               greedy_vocab=tokenizer.vocab_size)
         return cls(engine, tokenizer, config, device, dtype, backend, directory, max_batch_size, max_seq_len,
                    speculation)

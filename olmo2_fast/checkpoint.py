@@ -59,7 +59,8 @@ def expected_shapes(config: Olmo2Config) -> dict[str, tuple[int, ...]]:
     """Every tensor an OLMo 2 checkpoint must hold, by its Hugging Face name.
 
     A checkpoint saved quantised (config.quantization set) holds the fused projections
-    instead, in the tensors its quantisation method names (olmo2_fast.quantization).
+    instead, in the tensors its quantisation method names (olmo2_fast.quantization), and
+    lm_head's too when its quantization_config says "lm_head": true.
     """
     h = config.hidden_size
     shapes = {"model.embed_tokens.weight": (config.vocab_size, h), "model.norm.weight": (h,)}
@@ -67,9 +68,13 @@ def expected_shapes(config: Olmo2Config) -> dict[str, tuple[int, ...]]:
         shapes["lm_head.weight"] = (config.vocab_size, h)
     method = None
     if config.quantization:
-        from .quantization import checkpoint_method  # torch-only imports: config stays light
+        from .quantization import checkpoint_method, checkpoint_quantizes_lm_head  # torch-only imports
 
         method = checkpoint_method(config)
+        if checkpoint_quantizes_lm_head(config):  # lm_head.qweight / .scales / .zeros (a tied one: an int4 copy)
+            shapes.pop("lm_head.weight", None)
+            shapes.update({f"lm_head.{suffix}": shape
+                           for suffix, shape in method.tensor_shapes(config.vocab_size, h).items()})
     in_features = projection_in_features(config)
     for layer in range(config.num_hidden_layers):
         p = f"model.layers.{layer}."

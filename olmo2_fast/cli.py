@@ -27,6 +27,8 @@ def add_model_args(parser: argparse.ArgumentParser):
     parser.add_argument("--backend", default="auto",
                         help="triton, torch or auto (default: triton on CUDA, torch on CPU)")
     parser.add_argument("--int4", action="store_true", help="int4 group-128 weight-only quantisation")
+    parser.add_argument("--int4-lm-head", action="store_true",
+                        help="quantise lm_head to int4 too (implies --int4; accuracy cost in the README)")
     speculation = parser.add_argument_group("speculative decoding (one prompt at a time; output as without it)")
     drafting = speculation.add_mutually_exclusive_group()
     drafting.add_argument("--draft", metavar="PATH", help="a smaller checkpoint with the same tokenizer drafts tokens")
@@ -53,6 +55,18 @@ def _generation_options(args) -> dict:
                 min_p=args.min_p, repetition_penalty=args.repetition_penalty, seed=args.seed, stop=args.stop)
 
 
+def quantize_options(args) -> dict:
+    """from_pretrained's quantisation arguments from --int4 / --int4-lm-head (which implies --int4)."""
+    lm_head = getattr(args, "int4_lm_head", False)
+    return dict(quantize="int4" if args.int4 or lm_head else None, quantize_lm_head=lm_head)
+
+
+def quantize_label(args) -> str:
+    """", int4" / ", int4 (lm_head too)" for the line that describes a loaded model; "" unquantised."""
+    options = quantize_options(args)
+    return "" if options["quantize"] is None else ", int4" + (" (lm_head too)" if options["quantize_lm_head"] else "")
+
+
 def load_model(args):
     """The model the command line names (--model, or the built-in demo model), said on stderr."""
     from .api import OLMo2
@@ -63,14 +77,14 @@ def load_model(args):
         path, description = demo_model()
         print(f"[olmo2-fast] no --model given: using {description}", file=sys.stderr)
     model = OLMo2.from_pretrained(path, device=args.device, dtype=args.dtype, backend=args.backend,
-                                  revision=args.revision, quantize="int4" if args.int4 else None, draft=args.draft,
+                                  revision=args.revision, **quantize_options(args), draft=args.draft,
                                   num_speculative_tokens=args.num_speculative_tokens, prompt_lookup=args.prompt_lookup)
     spec = model.speculation
     drafting = "" if spec is None else (f", speculative: {spec.num_tokens} drafts per step from "
                                         + (f"{args.draft}" if spec.draft is not None else
                                            f"prompt lookup of {spec.prompt_lookup}-grams"))
     print(f"[olmo2-fast] {model.config.num_hidden_layers} layers, hidden {model.config.hidden_size}, "
-          f"{model.dtype} on {model.device}, backend {model.backend}" + (", int4" if args.int4 else "") + drafting,
+          f"{model.dtype} on {model.device}, backend {model.backend}{quantize_label(args)}{drafting}",
           file=sys.stderr)
     return model
 

@@ -73,23 +73,24 @@ def choose_backend(backend: str, device: torch.device) -> str:
 
 
 def build_engine(config: Olmo2Config, tensors: Iterator[tuple[str, torch.Tensor]], *, backend: str,
-                 device: torch.device, quantize: str | None = None, cuda_graphs: bool = True,
-                 decode_path: str = "auto", greedy_vocab: int | None = None) -> Engine:
+                 device: torch.device, quantize: str | None = None, quantize_lm_head: bool = False,
+                 cuda_graphs: bool = True, decode_path: str = "auto", greedy_vocab: int | None = None) -> Engine:
     """An engine over (HF name, tensor) pairs as checkpoint.iter_checkpoint yields them.
 
     backend: "torch" or "triton" (see choose_backend). quantize: None or "int4" (weights quantised
-    at load; a checkpoint saved quantised needs none). cuda_graphs: on CUDA, the kernel engine
-    replays its decode steps as CUDA graphs (graphs.py). decode_path (kernels): "fused", "cublas"
+    at load; a checkpoint saved quantised needs none); quantize_lm_head: lm_head too. cuda_graphs: on
+    CUDA, the kernel engine replays its decode steps as CUDA graphs (graphs.py). decode_path (kernels): "fused", "cublas"
     or "auto" (model.Olmo2Fast). greedy_vocab: the ids greedy decoding may pick (the tokenizer's).
     """
     if backend == "torch":
         from .reference import Olmo2Reference
 
-        return Olmo2Reference.from_tensors(config, tensors, device, quantize)
+        return Olmo2Reference.from_tensors(config, tensors, device, quantize, quantize_lm_head)
     from .graphs import DecodeGraphs
     from .model import Olmo2Fast  # imports triton: only now, after the interpreter decision
 
-    engine = Olmo2Fast.from_tensors(config, tensors, quantize, decode_path=decode_path, greedy_vocab=greedy_vocab)
+    engine = Olmo2Fast.from_tensors(config, tensors, quantize, quantize_lm_head, decode_path=decode_path,
+                                   greedy_vocab=greedy_vocab)
     if device.type == "cuda" and cuda_graphs:
         engine.graphs = DecodeGraphs(engine.decode_step, candidates=engine.decode_candidates)
     return engine

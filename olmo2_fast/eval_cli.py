@@ -26,6 +26,7 @@ def add_eval_parser(commands):
     _add_common(ppl)
     ppl.add_argument("--backend", default="auto", help="triton, torch or auto (default: triton on CUDA, torch on CPU)")
     ppl.add_argument("--int4", action="store_true", help="int4 group-128 weight-only quantisation at load")
+    ppl.add_argument("--int4-lm-head", action="store_true", help="quantise lm_head to int4 too (implies --int4)")
     ppl.set_defaults(func=cmd_perplexity)
 
     cmp = sub.add_parser("compare", help="the model against its int4 version, another backend or another checkpoint",
@@ -35,6 +36,7 @@ def add_eval_parser(commands):
     _add_common(cmp)
     variant = cmp.add_mutually_exclusive_group(required=True)
     variant.add_argument("--int4", action="store_true", help="b: the same checkpoint quantised to int4 at load")
+    cmp.add_argument("--int4-lm-head", action="store_true", help="with --int4: b's lm_head is quantised too")
     variant.add_argument("--backend", help="b: the same checkpoint on this backend (triton or torch)")
     variant.add_argument("--other", metavar="PATH", help="b: another checkpoint with the same tokenizer")
     cmp.set_defaults(func=cmd_compare)
@@ -57,13 +59,13 @@ def cmd_perplexity(args) -> int:
     from .evaluate import perplexity
 
     text = _read_text(args.text)
-    model = _load(args, args.model, backend=args.backend, int4=args.int4)
+    model = _load(args, args.model, backend=args.backend, quantized=True)
     result = perplexity(model, text, max_len=args.max_len, stride=args.stride, batch_size=args.batch_size)
     print(f"perplexity     {result.perplexity:.4f}   (Hugging Face's sliding-window recipe: {result.windows} "
           f"windows of up to {result.max_len} tokens, stride {result.stride})")
     print(f"bits per byte  {result.bits_per_byte:.4f}   ({result.scored_tokens} scored tokens of {result.tokens}, "
           f"{result.bytes} bytes)")
-    _write_json(args, {"model": _describe(model, args.model, args.int4), **result.as_dict()})
+    _write_json(args, {"model": _describe(model, args.model, args), **result.as_dict()})
     return 0
 
 
@@ -74,15 +76,18 @@ def cmd_compare(args) -> int:
     text = _read_text(args.text)
     other = args.other or args.model
     # b first: if it runs the kernels on a CPU, Triton's interpreter must be switched on before anything imports triton
-    b = _load(args, other, backend=args.backend or "auto", int4=args.int4)
-    a = _load(args, args.model, backend="auto", int4=False)
+    if args.int4_lm_head and not args.int4:
+        raise EvaluationError("--int4-lm-head compares against b quantised to int4: give --int4 too")
+    b = _load(args, other, backend=args.backend or "auto", quantized=True)
+    a = _load(args, args.model, backend="auto", quantized=False)
     if args.backend and a.backend == b.backend:
         raise EvaluationError(f"--backend {args.backend} is the backend model a already uses on {a.device}: "
                               "compare against the other one")
     result = compare(a, b, text, max_len=args.max_len, stride=args.stride, batch_size=args.batch_size)
-    names = _describe(a, args.model, False), _describe(b, other, args.int4)
+    names = _describe(a, args.model, None), _describe(b, other, args)
     for tag, name in zip("ab", names):
-        print(f"{tag}: {name['path']} ({name['dtype']}, backend {name['backend']}{', int4' if name['int4'] else ''})")
+        quantized = ", int4" + (" (lm_head too)" if name["int4_lm_head"] else "") if name["int4"] else ""
+        print(f"{tag}: {name['path']} ({name['dtype']}, backend {name['backend']}{quantized})")
     print(f"{'':16} {'a':>10} {'b':>10}")
     print(f"{'perplexity':16} {result.a.perplexity:10.4f} {result.b.perplexity:10.4f}")
     print(f"{'bits per byte':16} {result.a.bits_per_byte:10.4f} {result.b.bits_per_byte:10.4f}")
@@ -95,19 +100,27 @@ def cmd_compare(args) -> int:
     return 0
 
 
-def _load(args, path: str, *, backend: str, int4: bool):
+def _load(args, path: str, *, backend: str, quantized: bool):
+    """A model as the arguments say; quantized: with --int4 / --int4-lm-head as given (False: unquantised)."""
     from .api import OLMo2
+    from .cli import quantize_label, quantize_options
 
+    options = quantize_options(args) if quantized else {}
     model = OLMo2.from_pretrained(path, device=args.device, dtype=args.dtype, backend=backend,
-                                  revision=args.revision, quantize="int4" if int4 else None)
+                                  revision=args.revision, **options)
     print(f"[olmo2-fast] {path}: {str(model.dtype).removeprefix('torch.')} on {model.device}, backend {model.backend}"
-          f"{', int4' if int4 else ''}", file=sys.stderr)
+          f"{quantize_label(args) if quantized else ''}", file=sys.stderr)
     return model
 
 
-def _describe(model, path: str, int4: bool) -> dict:
+def _describe(model, path: str, args) -> dict:
+    """What a JSON result says of a model; args: the quantisation flags it was loaded with (None: none)."""
+    from .cli import quantize_options
+
+    options = quantize_options(args) if args is not None else {}
     return {"path": str(path), "dtype": str(model.dtype).removeprefix("torch."), "device": str(model.device),
-            "backend": model.backend, "int4": int4}
+            "backend": model.backend, "int4": options.get("quantize") == "int4",
+            "int4_lm_head": options.get("quantize_lm_head", False)}
 
 
 def _read_text(path: str) -> str:

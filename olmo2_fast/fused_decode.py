@@ -10,7 +10,8 @@ then lm_head with the last post-norm and the final norm as its prologue and the 
 as its epilogue: 5 x layers + 1 launches in all, no torch op between them. The prologues
 write the residual stream into two ping-pong buffers (x, h: a prologue's output never
 overlaps its inputs). Numerics are the unfused step's (kernels/decode_gemv.py,
-kernels/fused_attention_decode.py), up to float32 summation order.
+kernels/fused_attention_decode.py), up to float32 summation order. Projections and lm_head may be
+dense or int4 (Int4Weight), in any mix: the GEMV reads either format with the same prologues.
 
 The step reads only device tensors of the batch (input_ids, kv_lens) and writes only the
 cache and its own buffers, so it is what a CUDA graph captures (graphs.py). Workspaces are
@@ -39,8 +40,7 @@ class FusedDecode:
     def supports(self, rows: int) -> bool:
         """Whether a decode step of `rows` sequences can take this path (else the cuBLAS one)."""
         e = self.engine
-        return (rows <= DECODE_MAX_ROWS and e.quantization is None
-                and fused_attention_decode_supports(e.config.head_dim, e.embed.dtype))
+        return rows <= DECODE_MAX_ROWS and fused_attention_decode_supports(e.config.head_dim, e.embed.dtype)
 
     def __call__(self, batch: StepBatch, cache: KVCache) -> torch.Tensor:
         """One token per sequence -> logits (B, vocab); the greedy ids land in `greedy_ids(B)`."""

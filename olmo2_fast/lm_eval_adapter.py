@@ -49,11 +49,13 @@ SAMPLING_KEYS = {"temperature": "temperature", "top_k": "top_k", "top_p": "top_p
 
 class Olmo2LM(TemplateLM):
     """model_args: pretrained (checkpoint directory or hub id), dtype, backend, quantize ("int4"),
-    device, revision, max_length (default: the model's context), batch_size (requests per forward),
+    quantize_lm_head (True: lm_head too), device, revision, max_length (default: the model's context),
+    batch_size (requests per forward),
     max_gen_toks (default 256, as lm-eval's hf), prefix_token_id (default: BOS, else EOS)."""
 
     def __init__(self, pretrained: str, dtype: str | None = None, backend: str = "auto", quantize: str | None = None,
-                 device: str | None = None, revision: str | None = None, max_length: int | None = None,
+                 quantize_lm_head: bool = False, device: str | None = None, revision: str | None = None,
+                 max_length: int | None = None,
                  batch_size: int | str = 1, max_batch_size: int | None = None, max_gen_toks: int = 256,
                  prefix_token_id: int | None = None):
         """max_batch_size is accepted because lm-eval always passes it; it only bounds automatic batch sizes,
@@ -64,7 +66,7 @@ class Olmo2LM(TemplateLM):
             logger.warning("device=%s requested but CUDA is not available: running on the CPU", device)
             device = None
         self.model = OLMo2.from_pretrained(pretrained, device=device, dtype=dtype, backend=backend, quantize=quantize,
-                                           revision=revision)
+                                           quantize_lm_head=quantize_lm_head, revision=revision)
         self.pretrained = str(pretrained)
         context = self.model.config.max_position_embeddings
         self.max_length = context if max_length is None else _positive_int("max_length", max_length)

@@ -3,7 +3,7 @@
 Same math as reference.py, laid out for speed:
   * q/k/v fused into one (Hq + 2*Hkv)*D x hidden matrix and gate/up into one 2*I x hidden
     matrix, once, at load time; projections go through cuBLAS (`F.linear`) or, with
-    quantize="int4", through the int4 kernel;
+    quantize="int4", through the int4 kernel (lm_head too with quantize_lm_head);
   * one `qk_norm_rope` launch per layer norms q and k over all heads, rotates them and
     writes k and v straight into the static cache;
   * attention runs over the cache (`attention_prefill` for prompts and chunks,
@@ -82,19 +82,15 @@ class Olmo2Fast:
 
     @classmethod
     def from_tensors(cls, config: Olmo2Config, tensors: Iterator[tuple[str, torch.Tensor]],
-                     quantize: str | None = None, **options) -> "Olmo2Fast":
+                     quantize: str | None = None, quantize_lm_head: bool = False, **options) -> "Olmo2Fast":
         """Build from (HF name, tensor) pairs as checkpoint.iter_checkpoint yields them, fusing q/k/v and
-        gate/up per layer as soon as a layer's pieces have arrived (so memory peaks at one extra layer)."""
-        method = quantization.method(quantize)
+        gate/up per layer as soon as a layer's pieces have arrived (so memory peaks at one extra layer).
+        quantize / quantize_lm_head: quantisation at load (quantization.plan_load)."""
         if config.head_dim not in SUPPORTED_HEAD_DIMS:
             raise CheckpointError(f"the attention kernels support head_dim {SUPPORTED_HEAD_DIMS}, this model has "
                                   f"{config.head_dim}: use backend='torch'")
-        saved = quantization.checkpoint_method(config)  # saved quantised: projections already fused and packed
-        if method is not None:
-            if saved is not None:
-                raise CheckpointError(f"this checkpoint is already quantised ({config.quantization}): load it "
-                                      "without quantize=")
-            method.check_widths(config)
+        load = quantization.plan_load(config, quantize, quantize_lm_head)
+        method, saved = load.quantize, load.saved
         fused_names = fused_projections(config)
 
         def fused(p: dict[str, torch.Tensor], name: str) -> Weight:
@@ -123,16 +119,24 @@ class Olmo2Fast:
                     post_feedforward_norm=p["post_feedforward_layernorm.weight"],
                 )
         embed = top["model.embed_tokens.weight"]
-        lm_head = embed if config.tie_word_embeddings else top["lm_head.weight"]
-        return cls(config, embed, layers, top["model.norm.weight"], lm_head, method or saved, **options)
+        if load.lm_head and saved is not None:
+            lm_head = saved.from_tensors(top, prefix="lm_head.")
+        else:
+            lm_head = embed if config.tie_word_embeddings else top["lm_head.weight"]
+            if load.lm_head:  # a tied lm_head: the embedding stays dense for the lookup, lm_head an int4 copy
+                lm_head = method.quantize(lm_head)
+        return cls(config, embed, layers, top["model.norm.weight"], lm_head, load.method, **options)
 
     def checkpoint_tensors(self) -> tuple[Olmo2Config, dict[str, torch.Tensor]]:
         """(config, tensors by checkpoint name) to save: HF names when unquantised; the fused layout of the
         quantisation method (see checkpoint.expected_shapes) when quantised, so loading skips quantisation."""
-        method = self.quantization
-        cfg = self.config.with_(quantization_config=tuple(method.config_entry().items()) if method else ())
+        method, lm_head_quantized = self.quantization, isinstance(self.lm_head, Int4Weight)
+        entry = method.config_entry(lm_head=lm_head_quantized) if method else {}
+        cfg = self.config.with_(quantization_config=tuple(entry.items()))
         tensors = {"model.embed_tokens.weight": self.embed, "model.norm.weight": self.norm}
-        if not cfg.tie_word_embeddings:
+        if lm_head_quantized:
+            tensors.update(method.to_tensors(self.lm_head, prefix="lm_head."))
+        elif not cfg.tie_word_embeddings:
             tensors["lm_head.weight"] = self.lm_head
         for index, w in enumerate(self.layers):
             p = f"model.layers.{index}."
@@ -176,7 +180,7 @@ class Olmo2Fast:
         fused = self.decode_path != "cublas" and self.fused.supports(rows)
         if self.decode_path == "fused" and not fused:
             raise CheckpointError(f"decode_path='fused' does not apply to this step ({rows} rows, "
-                                  f"{'int4 weights, ' if self.quantization else ''}head_dim {self.config.head_dim}, "
+                                  f"head_dim {self.config.head_dim}, "
                                   f"{self.embed.dtype}): use decode_path='auto' or 'cublas'")
         steps = {"fused": self.fused} if fused else {}
         if self.decode_path != "fused":

@@ -12,6 +12,8 @@ embedding: quantising it keeps the embedding dense for the lookup and adds the i
 """
 from __future__ import annotations
 
+from dataclasses import dataclass
+
 import torch
 
 from .config import Olmo2Config
@@ -151,3 +153,37 @@ def checkpoint_method(config: Olmo2Config):
 def checkpoint_quantizes_lm_head(config: Olmo2Config) -> bool:
     """Whether a quantised checkpoint's lm_head is quantised too (quantization_config's "lm_head")."""
     return bool(dict(config.quantization_config).get("lm_head", False))
+
+
+@dataclass(frozen=True)
+class QuantizedLoad:
+    """How a checkpoint's weights arrive, for both engines: `quantize` quantises dense projections at
+    load (None: they stay dense, or come packed in `saved`'s tensors); `lm_head`: lm_head is quantised
+    too (at load by `quantize`, or saved packed under lm_head.*)."""
+
+    quantize: Int4GroupWise | None
+    saved: Int4GroupWise | None
+    lm_head: bool
+
+    @property
+    def method(self):
+        """The method of the loaded model's quantised weights, or None."""
+        return self.quantize or self.saved
+
+
+def plan_load(config: Olmo2Config, quantize: str | None, quantize_lm_head: bool = False) -> QuantizedLoad:
+    """Check the from_pretrained arguments against the checkpoint: quantize_lm_head needs quantize=; a
+    checkpoint saved quantised takes neither (its config.json says what it holds, lm_head included)."""
+    if not isinstance(quantize_lm_head, bool):
+        raise ConfigError(f"quantize_lm_head must be True or False, got {quantize_lm_head!r}")
+    chosen, saved = method(quantize), checkpoint_method(config)
+    if saved is not None and (chosen is not None or quantize_lm_head):
+        raise CheckpointError(f"this checkpoint is already quantised ({config.quantization}"
+                              f"{', lm_head included' if checkpoint_quantizes_lm_head(config) else ''}): load it "
+                              "without quantize= and quantize_lm_head=")
+    if quantize_lm_head and chosen is None:
+        raise CheckpointError("quantize_lm_head=True quantises lm_head with the projections' method: give "
+                              f"quantize= too (one of {', '.join(map(repr, METHODS))})")
+    if chosen is not None:
+        chosen.check_widths(config, lm_head=quantize_lm_head)
+    return QuantizedLoad(chosen, saved, quantize_lm_head or (saved is not None and checkpoint_quantizes_lm_head(config)))

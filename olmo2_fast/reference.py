@@ -204,6 +204,11 @@ class Olmo2Layer(nn.Module):
         return h + self.post_feedforward_layernorm(self.mlp(h))
 
 
+def _pop_prefixed(state: dict, prefix: str) -> dict:
+    """The entries of `state` whose names start with `prefix`, removed from it."""
+    return {k: state.pop(k) for k in list(state) if k.startswith(prefix)}
+
+
 def _set_projection(layer: nn.Module, name: str, module: nn.Module):
     """Replace a layer's projection, e.g. name "self_attn.q_proj"."""
     parent, _, attr = name.rpartition(".")
@@ -231,16 +236,14 @@ class Olmo2Reference(nn.Module):
                                                        config.rope_scaling_factor), persistent=False)
 
     @classmethod
-    def from_tensors(cls, config: Olmo2Config, tensors, device, quantize: str | None = None) -> "Olmo2Reference":
+    def from_tensors(cls, config: Olmo2Config, tensors, device, quantize: str | None = None,
+                     quantize_lm_head: bool = False) -> "Olmo2Reference":
         """Build on the meta device and take the (HF name, tensor) pairs as they are, so memory peaks
-        at the loaded model, not twice it. quantize="int4" quantises every projection after loading;
-        a checkpoint saved quantised brings its projections packed (fused, split here per projection)."""
-        method, saved = quantization.method(quantize), quantization.checkpoint_method(config)
-        if method is not None and saved is not None:
-            raise CheckpointError(f"this checkpoint is already quantised ({config.quantization}): load it without "
-                                  "quantize=")
-        if method is not None:
-            method.check_widths(config)
+        at the loaded model, not twice it. quantize="int4" quantises every projection after loading
+        (and lm_head with quantize_lm_head); a checkpoint saved quantised brings its projections packed
+        (fused, split here per projection), and its lm_head when it was quantised."""
+        load = quantization.plan_load(config, quantize, quantize_lm_head)
+        method, saved = load.quantize, load.saved
         with torch.device("meta"):
             model = cls(config)
         state = dict(tensors)
@@ -250,11 +253,13 @@ class Olmo2Reference(nn.Module):
             for index, layer in enumerate(model.model.layers):
                 for fused, parts in fused_projections(config).items():
                     prefix = f"model.layers.{index}.{fused}."
-                    weight = saved.from_tensors({k: state.pop(k) for k in list(state) if k.startswith(prefix)}, prefix)
+                    weight = saved.from_tensors(_pop_prefixed(state, prefix), prefix)
                     start = 0
                     for part, width in parts:
                         _set_projection(layer, part, QuantizedLinear(saved, saved.columns(weight, start, start + width)))
                         start += width
+            if load.lm_head:
+                model.lm_head = QuantizedLinear(saved, saved.from_tensors(_pop_prefixed(state, "lm_head."), "lm_head."))
         model.load_state_dict(state, strict=True, assign=True)
         if method is not None:
             for layer in model.model.layers:
@@ -262,6 +267,8 @@ class Olmo2Reference(nn.Module):
                     for part, _ in parts:
                         weight = layer.get_submodule(part).weight
                         _set_projection(layer, part, QuantizedLinear(method, method.quantize(weight.detach())))
+            if load.lm_head:  # a tied lm_head: the embedding stays dense for the lookup, lm_head an int4 copy
+                model.lm_head = QuantizedLinear(method, method.quantize(model.lm_head_weight().detach()))
         model.inv_freq = rope_inv_freq(config.head_dim, config.rope_theta, config.rope_scaling_factor).to(device)
         return model.eval()
 
@@ -270,6 +277,10 @@ class Olmo2Reference(nn.Module):
         """The quantisation method of the projections, or None."""
         q_proj = self.model.layers[0].self_attn.q_proj
         return q_proj.method if isinstance(q_proj, QuantizedLinear) else None
+
+    @property
+    def quantized_lm_head(self) -> bool:
+        return isinstance(getattr(self, "lm_head", None), QuantizedLinear)
 
     def checkpoint_tensors(self) -> tuple[Olmo2Config, dict[str, torch.Tensor]]:
         """(config, tensors by checkpoint name): the Hugging Face names, or, when quantised, the fused packed
@@ -282,7 +293,10 @@ class Olmo2Reference(nn.Module):
             for fused, parts in fused_projections(self.config).items():
                 weight = method.stack([layer.get_submodule(part).quantized for part, _ in parts])
                 tensors.update(method.to_tensors(weight, prefix=f"model.layers.{index}.{fused}."))
-        return self.config.with_(quantization_config=tuple(method.config_entry().items())), tensors
+        if self.quantized_lm_head:
+            tensors.update(method.to_tensors(self.lm_head.quantized, prefix="lm_head."))
+        entry = method.config_entry(lm_head=self.quantized_lm_head)
+        return self.config.with_(quantization_config=tuple(entry.items())), tensors
 
     def cache_rows(self, batch: int) -> int:
         return batch
@@ -294,10 +308,14 @@ class Olmo2Reference(nn.Module):
         return None  # logits only: the scheduler samples
 
     def lm_head_weight(self) -> torch.Tensor:
+        """The dense lm_head weight (the embedding when tied; a quantised lm_head has none)."""
+        if self.quantized_lm_head:
+            raise ValueError("this model's lm_head is quantised: it has no dense weight")
         return self.model.embed_tokens.weight if self.config.tie_word_embeddings else self.lm_head.weight
 
     def logits(self, h: torch.Tensor) -> torch.Tensor:
-        return F.linear(self.model.norm(h), self.lm_head_weight())
+        h = self.model.norm(h)
+        return self.lm_head(h) if self.quantized_lm_head else F.linear(h, self.lm_head_weight())
 
     @torch.inference_mode()
     def forward(self, input_ids: torch.Tensor) -> torch.Tensor:

@@ -15,6 +15,12 @@ def test_generate_streams_the_completion(tmp_path, capsys):
     assert out.endswith("\n") and "2 layers" in err
 
 
+def test_int4_lm_head_on_the_default_model(capsys):
+    """--int4-lm-head implies --int4: the shipped demo target, projections and lm_head int4, says so."""
+    assert main(["generate", "def", "--max-new-tokens", "3", "--int4-lm-head", "--quiet"]) == 0
+    assert "int4 (lm_head too)" in capsys.readouterr().err
+
+
 def test_without_the_trained_demo_it_builds_and_runs_a_random_checkpoint(tmp_path, capsys, monkeypatch):
     import olmo2_fast.demo as demo
     monkeypatch.setattr(demo, "TRAINED_DEMO", tmp_path / "not-shipped")

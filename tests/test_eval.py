@@ -166,6 +166,12 @@ def test_cli_compare_int4(tmp_path, capsys):
     assert data["b"]["perplexity"] != data["a"]["perplexity"]
     assert abs(math.log(data["b"]["perplexity"] / data["a"]["perplexity"])) < 0.5
     assert "top-1 agreement" in capsys.readouterr().out
+    assert main(["eval", "compare", "--model", str(path), "--text", str(text), "--max-len", "16", "--int4",
+                 "--int4-lm-head", "--json", str(out)]) == 0
+    with_head = json.loads(out.read_text())
+    assert with_head["b"]["model"]["int4_lm_head"] and not data["b"]["model"]["int4_lm_head"]
+    assert with_head["b"]["perplexity"] != data["b"]["perplexity"]  # lm_head quantised too: other logits
+    assert "int4 (lm_head too)" in capsys.readouterr().out
 
 
 @pytest.mark.parametrize("args, message", [
@@ -178,6 +184,8 @@ def test_cli_compare_int4(tmp_path, capsys):
     (["perplexity", "--text", "{one}"], "the text has 1 token(s)"),
     (["compare", "--text", "{text}", "--backend", "torch"], "--backend torch is the backend model a already uses"),
     (["compare", "--text", "{text}", "--other", "{other}"], "tokenizers split the text differently"),
+    (["compare", "--text", "{text}", "--other", "{other}", "--int4-lm-head"], "--int4-lm-head compares against b "
+                                                                              "quantised to int4: give --int4 too"),
 ])
 def test_cli_errors_are_one_line_with_exit_status_2(tmp_path, checkpoint, capsys, args, message):
     files = {"missing": tmp_path / "missing.txt", "binary": tmp_path / "b.txt", "empty": tmp_path / "e.txt",

@@ -15,6 +15,7 @@ from olmo2_fast.cache import KVCache, StepBatch
 from olmo2_fast.config import PRESETS
 from olmo2_fast.errors import CheckpointError
 from olmo2_fast.graphs import DecodeGraphs
+from olmo2_fast.kernels.int4_format import Int4Weight, dequantize_int4
 from olmo2_fast.model import LayerWeights, Olmo2Fast
 
 SHAPES = {  # head_dim >= 16 for the kernels; MHA, GQA with a group of 5, odd widths, tied + linear RoPE
@@ -23,6 +24,8 @@ SHAPES = {  # head_dim >= 16 for the kernels; MHA, GQA with a group of 5, odd wi
     "tied_rope": dict(hidden_size=64, num_attention_heads=4, num_key_value_heads=2, intermediate_size=72,
                       tie_word_embeddings=True, rope_scaling_factor=2.0),
 }
+INT4_SHAPE = dict(hidden_size=128, intermediate_size=128, num_attention_heads=4, num_key_value_heads=2,
+                  num_hidden_layers=1)  # int4 needs in_features divisible by 128
 PROMPTS = ["The capital of France is", "Once upon a time", "A key-value cache keeps the keys of earlier tokens"]
 
 
@@ -83,6 +86,39 @@ def test_decode_steps_match_the_reference_to_the_cache_end(checkpoint, dtype):
         assert_close_to_ref(got, exact, baseline)
 
 
+@pytest.mark.parametrize("dtype", ["float32", "bfloat16"])
+def test_int4_decode_steps_match_the_reference_on_dequantised_weights(tmp_path, dtype):
+    """Every projection and lm_head int4: the fused step's logits against a float64 oracle (the dense reference
+    on the dequantised weights) by the harness rule, the torch backend's int4 (dequantise, matmul) the baseline."""
+    path = make_checkpoint(tmp_path, seed=46, max_position_embeddings=64, **INT4_SHAPE)
+    options = dict(device=DEVICE, dtype=dtype, quantize="int4", quantize_lm_head=True)
+    fast = OLMo2.from_pretrained(path, backend="triton", decode_path="fused", **options)
+    ref = OLMo2.from_pretrained(path, backend="torch", **options)
+    oracle = OLMo2.from_pretrained(path, device=DEVICE, dtype=dtype, backend="torch").engine
+    with torch.no_grad():
+        for layer, quantized in zip(oracle.model.layers, ref.engine.model.layers):
+            for name, lin in layer.named_modules():
+                if isinstance(lin, torch.nn.Linear):
+                    lin.weight.copy_(dequantize_int4(quantized.get_submodule(name).quantized))
+        oracle.lm_head.weight.copy_(dequantize_int4(ref.engine.lm_head.quantized))
+    oracle = oracle.double()
+    torch_dtype = getattr(torch, dtype)
+    runs = [(fast.engine, KVCache(fast.config, 2, 16, torch_dtype, DEVICE)),
+            (ref.engine, KVCache(fast.config, 2, 16, torch_dtype, DEVICE)),
+            (oracle, KVCache(fast.config, 2, 16, torch.float64, DEVICE))]
+    prompts, lengths = [[5, 6, 7], [8] * 9], [3, 9]
+    with torch.inference_mode():
+        for engine, cache in runs:
+            engine.step(StepBatch.build(prompts, [0, 0], DEVICE), cache)
+        for step in range(2):
+            batch = StepBatch.decode(torch.tensor([11 + step, 12 + step], device=DEVICE),
+                                     torch.tensor(lengths, dtype=torch.int32, device=DEVICE), lengths)
+            got, baseline, exact = (engine.step(batch, cache) for engine, cache in runs)
+            assert fast.engine.last_decode_path == "fused"
+            assert_close_to_ref(got, exact, baseline)
+            lengths = [n + 1 for n in lengths]
+
+
 def test_generation_equals_the_reference_token_for_token(checkpoint):
     fast, ref = engines(checkpoint)
     assert fast.generate(PROMPTS[1:], max_new_tokens=4) == ref.generate(PROMPTS[1:], max_new_tokens=4)
@@ -106,13 +142,13 @@ def test_the_path_choice(tmp_path):
     cublas = OLMo2.from_pretrained(path, device=DEVICE, backend="triton", decode_path="cublas")
     assert list(cublas.engine.decode_candidates(1)) == ["cublas"]
     assert auto.generate(PROMPTS[0], max_new_tokens=3) == cublas.generate(PROMPTS[0], max_new_tokens=3)
-    int4 = make_checkpoint(tmp_path / "int4", seed=44, hidden_size=128, intermediate_size=128,
-                           num_attention_heads=4, num_key_value_heads=2, num_hidden_layers=1)
-    quantized = OLMo2.from_pretrained(int4, device=DEVICE, backend="triton", quantize="int4")
-    assert list(quantized.engine.decode_candidates(1)) == ["cublas"]  # the GEMV has no int4 format yet
-    with pytest.raises(CheckpointError, match="decode_path='fused' does not apply"):
-        OLMo2.from_pretrained(int4, device=DEVICE, backend="triton", quantize="int4",
-                              decode_path="fused").generate("hi", max_new_tokens=2)
+    int4 = make_checkpoint(tmp_path / "int4", seed=44, **INT4_SHAPE)
+    quantized = OLMo2.from_pretrained(int4, device=DEVICE, backend="triton", quantize="int4", quantize_lm_head=True)
+    assert list(quantized.engine.decode_candidates(1)) == ["fused", "cublas"]  # int4 weights take it too
+    cublas_int4 = OLMo2.from_pretrained(int4, device=DEVICE, backend="triton", quantize="int4", quantize_lm_head=True,
+                                        decode_path="cublas")
+    assert quantized.generate(PROMPTS[:2], max_new_tokens=3) == cublas_int4.generate(PROMPTS[:2], max_new_tokens=3)
+    assert quantized.engine.last_decode_path == "fused"
     with pytest.raises(CheckpointError, match="unknown decode_path 'fast'"):
         OLMo2.from_pretrained(path, device=DEVICE, backend="triton", decode_path="fast")
 
@@ -152,27 +188,35 @@ def test_graphs_keep_the_faster_path_per_bucket(tmp_path, caplog, seconds, kept)
 # ---------------------------------------------------------------- the launch budget at the published widths
 
 
-def published_engine(name: str, dtype=torch.bfloat16) -> Olmo2Fast:
+def published_engine(name: str, weights: str = "bf16") -> Olmo2Fast:
     """Two layers at a published model's widths, weights allocated but never touched (recorded launches
-    read nothing), so the plan of a real decode step costs seconds and no memory."""
+    read nothing), so the plan of a real decode step costs seconds and no memory. weights "int4": every
+    projection and lm_head int4 (quantize_lm_head)."""
     cfg = PRESETS[name].with_(num_hidden_layers=2)
     h, i, qkv_n = cfg.hidden_size, cfg.intermediate_size, cfg.q_width + 2 * cfg.kv_width
 
     def empty(*shape):
-        return torch.empty(*shape, dtype=dtype)
-    layers = [LayerWeights(qkv=empty(qkv_n, h), q_norm=empty(cfg.q_width), k_norm=empty(cfg.kv_width),
-                           o=empty(h, cfg.q_width), gate_up=empty(2 * i, h), down=empty(h, i),
+        return torch.empty(*shape, dtype=torch.bfloat16)
+
+    def weight(n, k):
+        if weights == "bf16":
+            return empty(n, k)
+        return Int4Weight(torch.empty(n // 8, k // 32, 8, 4, dtype=torch.int32), empty(k // 128, n), empty(k // 128, n),
+                          (n, k))
+    layers = [LayerWeights(qkv=weight(qkv_n, h), q_norm=empty(cfg.q_width), k_norm=empty(cfg.kv_width),
+                           o=weight(h, cfg.q_width), gate_up=weight(2 * i, h), down=weight(h, i),
                            post_attention_norm=empty(h), post_feedforward_norm=empty(h))
               for _ in range(cfg.num_hidden_layers)]
-    return Olmo2Fast(cfg, empty(cfg.vocab_size, h), layers, empty(h), empty(cfg.vocab_size, h),
+    return Olmo2Fast(cfg, empty(cfg.vocab_size, h), layers, empty(h), weight(cfg.vocab_size, h),
                      decode_path="fused", greedy_vocab=100278)
 
 
 @pytest.mark.skipif(not INTERPRETED, reason="records launches through Triton's interpreter")
+@pytest.mark.parametrize("weights", ["bf16", "int4"])
 @pytest.mark.parametrize("context", [512, 4000])
 @pytest.mark.parametrize("size", ["1b", "7b", "13b", "32b"])
-def test_a_decode_step_at_published_widths_is_five_launches_per_layer_each_filling_an_h100(size, context):
-    engine = published_engine(size)
+def test_a_decode_step_at_published_widths_is_five_launches_per_layer_each_filling_an_h100(size, context, weights):
+    engine = published_engine(size, weights)
     cache = KVCache(engine.config, 1, 4096, torch.bfloat16, "cpu")
     batch = StepBatch.decode(torch.zeros(1, dtype=torch.int64), torch.tensor([context - 1], dtype=torch.int32),
                              [context - 1])

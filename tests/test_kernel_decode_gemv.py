@@ -194,17 +194,23 @@ def test_default_plan_splits_small_shapes(nan_allocations):
     _check(inputs, P.NONE, decode_gemv_workspace([(40, 300)], torch.bfloat16, DEVICE), None)
 
 
-def test_one_workspace_serves_a_decode_step(nan_allocations):
+@pytest.mark.parametrize("weight_format, m, hidden, inter, vocab", [
+    (WeightFormat.DENSE, 2, 70, 100, 50), (WeightFormat.INT4, 1, 128, 256, 56), (WeightFormat.INT4, 3, 128, 256, 56)],
+    ids=["dense", "int4-M1", "int4-M3"])
+def test_one_workspace_serves_a_decode_step(weight_format, m, hidden, inter, vocab, nan_allocations):
     """qkv (embedding), o, gate_up, down and lm_head of a tiny layer in turn on one workspace, as a
-    decode step runs them: each matches the unfused sequence, and the workspace ends as it began."""
-    dtype, m, hidden, inter, qkv, vocab = torch.bfloat16, 2, 70, 100, 3 * 70, 50
+    decode step runs them: each matches the unfused sequence, and the workspace ends as it began.
+    int4: every weight quantised, lm_head included (a decode step of an int4 model with quantize_lm_head)."""
+    dtype, qkv = torch.bfloat16, 3 * hidden
     workspace = decode_gemv_workspace([(qkv, hidden), (hidden, hidden), (2 * inter, hidden), (hidden, inter),
                                        (vocab, hidden)], dtype, DEVICE)
     embed = _randn(vocab, hidden, dtype=dtype)
-    ids = torch.tensor([5, 49], device=DEVICE)
+    ids = torch.tensor([5, 49, 0][:m], device=DEVICE)
     w = {name: _randn(n, k, dtype=dtype, scale=k ** -0.5) for name, n, k in
          (("qkv", qkv, hidden), ("o", hidden, hidden), ("gate_up", 2 * inter, hidden), ("down", hidden, inter),
           ("lm", vocab, hidden))}
+    if weight_format == WeightFormat.INT4:
+        w = {name: quantize_int4(weight) for name, weight in w.items()}
     norm_attn, norm_ff, norm_final = ((0.5 + torch.rand(hidden, device=DEVICE)).to(dtype) for _ in range(3))
     x, h = (torch.empty(m, hidden, dtype=dtype, device=DEVICE) for _ in range(2))
     next_ids = torch.empty(m, dtype=torch.int64, device=DEVICE)
