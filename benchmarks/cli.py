@@ -70,6 +70,9 @@ def add_bench_parser(commands):
     generate.add_argument("--model", help="checkpoint directory (default: random weights at --size, in memory)")
     generate.add_argument("--int4", action="store_true", help="also run int4 weight-only quantisation")
     generate.add_argument("--no-graphs", action="store_true", help="only run without CUDA graphs")
+    generate.add_argument("--decode-path", default="auto", choices=["auto", "fused", "cublas", "both"],
+                          help="the kernels' decode step: auto (fused where it applies; with graphs, the faster per "
+                               "bucket), fused, cublas, or both (rows for each)")
     generate.add_argument("--no-hf", action="store_true", help="skip the HF transformers baseline")
     generate.add_argument("--new-tokens", type=int, metavar="N", help="tokens per run (default 128; smoke 8)")
     generate.add_argument("--warmup", type=int, default=1, metavar="N", help="untimed runs per shape (default 1)")
@@ -191,11 +194,23 @@ def cmd_bench_generate(args) -> int:
         notes.append(f"HF transformers baseline skipped: {hf_reason}")
     if not env.on_gpu:
         notes.append("no CUDA graphs on a CPU; HF runs plain generate (dynamic cache, eager)")
-    specs = engine_specs(env.on_gpu, args.int4, graphs=not args.no_graphs, hf=hf_reason is None)
+    specs = engine_specs(env.on_gpu, args.int4, graphs=not args.no_graphs, hf=hf_reason is None,
+                         decode_path=args.decode_path)
     settings = GenerateSettings(grid.batches, grid.seqs, new_tokens, args.warmup, args.rep)
     common = {"model": label, "dtype": str(dtype).removeprefix("torch.")}
+    from .generate import floor_fractions
+    from .timing import TimingPlan, measure_peaks
+
+    peaks = measure_peaks(TimingPlan(device), dtype, env.smoke)
+    notes.append(f"% floor: weight + KV bytes per decode step / measured copy bandwidth "
+                 f"{peaks.bandwidth / 1e9:.4g} GB/s ({peaks.how}), over the step's time")
+
+    def with_floor(so_far):
+        floor_fractions(so_far, peaks.bandwidth)
+        return so_far
     rows = run_generate(specs, weights, config, dtype, device, settings, env, common,
-                        on_rows=lambda so_far: _save(args, "generate", env, so_far, complete=False))
+                        on_rows=lambda so_far: _save(args, "generate", env, with_floor(so_far), complete=False))
+    floor_fractions(rows, peaks.bandwidth)
     print_report(f"olmo2-fast bench generate: {label}, {common['dtype']}, {new_tokens} new tokens per run", env, rows,
                  CPU_COLUMNS if env.mode == "cpu-smoke" else COLUMNS, notes)
     _save(args, "generate", env, rows)

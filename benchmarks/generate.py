@@ -43,7 +43,8 @@ COLUMNS = [
     Column("engine", "engine"), Column("batch", "B"), Column("prompt_len", "prompt"), Column("new_tokens", "new"),
     Column("ttft_ms", "TTFT ms", number(4)), Column("decode_ms_per_token", "decode ms/step", number(4)),
     Column("decode_p20_ms", "p20", number(3)), Column("decode_p80_ms", "p80", number(3)),
-    Column("tokens_per_s", "tokens/s", number(4)), Column("peak_mem_gb", "peak GB", number(3)),
+    Column("tokens_per_s", "tokens/s", number(4)), Column("floor_pct", "% floor", number(3)),
+    Column("peak_mem_gb", "peak GB", number(3)),
     Column("vs_hf", "x HF tok/s", times), Column("ttft_vs_hf", "x HF TTFT", times), Column("note", "note", text),
 ]
 CPU_COLUMNS = [Column(c.key, "CPU-smoke " + c.header, c.fmt) if c.key in ("ttft_ms", "decode_ms_per_token") else c
@@ -57,22 +58,26 @@ class EngineSpec:
     backend: str                 # "triton", "torch" or "hf"
     quantize: str | None = None
     graphs: bool = False         # CUDA-graph decode (triton on CUDA)
+    decode_path: str = "auto"    # the kernel engine's decode step: "auto", "fused" or "cublas" (model.Olmo2Fast)
 
 
-def engine_specs(on_gpu: bool, int4: bool, graphs: bool, hf: bool) -> list[EngineSpec]:
+def engine_specs(on_gpu: bool, int4: bool, graphs: bool, hf: bool, decode_path: str = "auto") -> list[EngineSpec]:
     """GPU: our kernels with CUDA graphs on and off (bf16, and int4 with --int4), then HF.
-    CPU: the torch backend (the CPU default), the kernels under the interpreter, then HF."""
+    CPU: the torch backend (the CPU default), the kernels under the interpreter, then HF.
+    decode_path: the kernel engine's decode step; "both" gives each of "fused" and "cublas" its rows."""
+    paths = ("fused", "cublas") if decode_path == "both" else (decode_path,)
     specs = []
     if not on_gpu:
         specs.append(EngineSpec("olmo2_fast torch", "torch"))
     for quantize in (None, "int4") if int4 else (None,):
-        label = "olmo2_fast triton" + (" int4" if quantize else "")
-        if not on_gpu:
-            specs.append(EngineSpec(label + " (interpreter)", "triton", quantize))
-            continue
-        if graphs:
-            specs.append(EngineSpec(label + " graphs", "triton", quantize, graphs=True))
-        specs.append(EngineSpec(label + " no-graphs", "triton", quantize))
+        for path in paths:
+            label = "olmo2_fast triton" + (" int4" if quantize else "") + ("" if path == "auto" else f" {path}")
+            if not on_gpu:
+                specs.append(EngineSpec(label + " (interpreter)", "triton", quantize, decode_path=path))
+                continue
+            if graphs:
+                specs.append(EngineSpec(label + " graphs", "triton", quantize, graphs=True, decode_path=path))
+            specs.append(EngineSpec(label + " no-graphs", "triton", quantize, decode_path=path))
     if hf:
         specs.append(EngineSpec("hf transformers", "hf"))
     return specs
@@ -111,8 +116,9 @@ def drain(state: dict) -> Iterator[tuple[str, torch.Tensor]]:
 def build_engine(spec: EngineSpec, config: Olmo2Config, tensors, device: torch.device):
     if spec.backend == "hf":
         return hf_baseline.build_hf_model(config, tensors, device)
+    options = dict(decode_path=spec.decode_path) if spec.backend == "triton" else {}
     return build_our_engine(config, tensors, backend=spec.backend, device=device, quantize=spec.quantize,
-                            cuda_graphs=spec.graphs)
+                            cuda_graphs=spec.graphs, **options)
 
 
 def _sync(device: torch.device):
@@ -181,7 +187,37 @@ def measure_engine_point(spec: EngineSpec, engine, config: Olmo2Config, dtype, d
         torch.cuda.reset_peak_memory_stats(device)
     figures = measure_point(run, new_tokens, warmup, rep, batch)
     figures["peak_mem_gb"] = torch.cuda.max_memory_allocated(device) / 1e9 if device.type == "cuda" else None
+    if spec.backend != "hf":
+        figures["decode_path"] = getattr(engine, "last_decode_path", None) or "torch"
+        # The bytes a decode step must read: every projection and lm_head once, and each row's KV cache
+        # (at the context halfway through the run's new tokens).
+        figures["decode_bytes"] = weight_bytes(engine) + batch * (prompt_len + new_tokens // 2) * kv_bytes_per_token(
+            config, dtype)
     return figures
+
+
+def weight_bytes(engine) -> int:
+    """Bytes of every weight a decode step reads: the layers' projections and lm_head (not the embedding,
+    a gather), as the engine holds them (packed int4 counts its codes, scales and zeros)."""
+    _, tensors = engine.checkpoint_tensors()
+    head = any(name.startswith("lm_head.") for name in tensors)  # else tied and dense: the embedding is lm_head
+    gathered = ("model.embed_tokens.weight",) if head else ()
+    return sum(t.numel() * t.element_size() for name, t in tensors.items()
+               if name not in gathered and not name.endswith("norm.weight"))
+
+
+def kv_bytes_per_token(config: Olmo2Config, dtype: torch.dtype) -> int:
+    """K and V of one cached position, every layer."""
+    return 2 * config.num_hidden_layers * config.kv_width * torch.empty((), dtype=dtype).element_size()
+
+
+def floor_fractions(rows: list[dict], bandwidth: float):
+    """floor_pct: the decode step's HBM floor (decode_bytes / the measured copy bandwidth) over its measured
+    time, in percent; how close a step comes to reading its bytes at the card's speed."""
+    for row in rows:
+        if row.get("decode_bytes") and row.get("decode_ms_per_token"):
+            row["floor_ms"] = row["decode_bytes"] / bandwidth * 1e3
+            row["floor_pct"] = 100 * row["floor_ms"] / row["decode_ms_per_token"]
 
 
 def run_engine(spec: EngineSpec, weights: Callable[[], Iterator], config: Olmo2Config, dtype, device,

@@ -6,7 +6,10 @@ exceptions, both the same math: attention_reference loops over sequences on the 
 attention baseline is HF's eager attention batched (`attention_eager`), which can be compiled
 and captured; and int4 is compared with the unfused `dequantize_int4` + matmul it replaces and
 with a plain matmul of the unquantised weight (what int4 has to beat). Attention also gets
-PyTorch's fused `scaled_dot_product_attention` (HF's default implementation).
+PyTorch's fused `scaled_dot_product_attention` (HF's default implementation). The int4 decode
+GEMV (`decode_gemv_int4`) runs each projection with its fused decode step's prologue, against
+the unfused eager sequence on the dequantised weights; its cost is decode_gemv_cost's, so the
+roofline column is the fraction of the int4 floor (codes, scales and zeros read once).
 
 Input sets: `Case.make_set(i)` builds the i-th set of fresh random data (never zeros); tensors
 a call only writes a few rows of (the KV cache of qk_norm_rope) are shared by all sets.
@@ -22,6 +25,10 @@ import torch.nn.functional as F
 from olmo2_fast.config import Olmo2Config
 from olmo2_fast.kernels.attention import (attention_decode, attention_decode_cost, attention_prefill,
                                           attention_prefill_cost, attention_reference)
+from olmo2_fast.kernels.decode_gemv import (DECODE_MAX_ROWS, Prologue, WeightFormat, decode_gemv, decode_gemv_cost,
+                                            decode_gemv_lm_head, decode_gemv_lm_head_reference, decode_gemv_reference,
+                                            decode_gemv_residual_norm, decode_gemv_residual_norm_reference,
+                                            decode_gemv_swiglu, decode_gemv_swiglu_reference, decode_gemv_workspace)
 from olmo2_fast.kernels.int4_format import Int4Weight, dequantize_int4, quantize_int4
 from olmo2_fast.kernels.int4_matmul import DECODE_MAX_M, int4_matmul, int4_matmul_cost
 from olmo2_fast.kernels.qk_norm_rope import qk_norm_rope, qk_norm_rope_cost, qk_norm_rope_reference
@@ -271,6 +278,66 @@ def int4_matmul_cases(cfg: Olmo2Config, dtype, device, grid: Grid, names=None) -
     return cases
 
 
+def decode_gemv_int4_cases(cfg: Olmo2Config, dtype, device, grid: Grid) -> list[Case]:
+    """The int4 decode GEMV of each projection with the prologue the fused decode step gives it (qkv and
+    gate_up: residual + post-norm; o: none; down: SwiGLU; lm_head: the final norm and the greedy argmax),
+    at each decode batch (<= 16 rows), against the unfused eager sequence on dequantised weights. One
+    workspace per case, made once (as the fused step does)."""
+    cases, eps = [], cfg.rms_norm_eps
+    shapes = dict(projections(cfg), lm_head=(cfg.vocab_size, cfg.hidden_size))
+    prologues = dict(qkv=Prologue.RESIDUAL_NORM, o=Prologue.NONE, gate_up=Prologue.RESIDUAL_NORM, down=Prologue.SWIGLU,
+                     lm_head=Prologue.FINAL_NORM)
+    for name, (n, k) in shapes.items():
+        prologue = prologues[name]
+        for m in [b for b in grid.batches if b <= DECODE_MAX_ROWS]:
+            workspace = decode_gemv_workspace([(n, k)], dtype, device, max_rows=m)
+
+            def make_set(i, m=m, n=n, k=k, prologue=prologue):
+                g = _generator(device, 1000 + i)
+                qw = quantize_int4(_randn((n, k), dtype, g, device, scale=k ** -0.5))
+                if prologue == Prologue.NONE:
+                    return _randn((m, k), dtype, g, device), qw
+                if prologue == Prologue.SWIGLU:
+                    return _randn((m, 2 * k), dtype, g, device), qw
+                rows = tuple(_randn((m, k), dtype, g, device) for _ in range(2))
+                if prologue == Prologue.RESIDUAL_NORM:  # residual, delta, norm weight, weight, residual_out
+                    return (*rows, _norm_weight(k, dtype, g, device), qw, torch.empty_like(rows[0]))
+                return (*rows, _norm_weight(k, dtype, g, device), _norm_weight(k, dtype, g, device), qw)
+
+            def kernel(*args, prologue=prologue, workspace=workspace):
+                if prologue == Prologue.NONE:
+                    return decode_gemv(*args, workspace)
+                if prologue == Prologue.SWIGLU:
+                    return decode_gemv_swiglu(*args, workspace)
+                if prologue == Prologue.RESIDUAL_NORM:
+                    residual, delta, norm, qw, residual_out = args
+                    return decode_gemv_residual_norm(residual, delta, norm, qw, workspace, residual_out, eps=eps)
+                residual, delta, ff_norm, final_norm, qw = args
+                next_ids = torch.empty(residual.shape[0], dtype=torch.int64, device=residual.device)
+                return decode_gemv_lm_head(residual, delta, ff_norm, final_norm, qw, workspace, eps=eps,
+                                           next_ids=next_ids)
+
+            def reference(*args, prologue=prologue):
+                if prologue == Prologue.NONE:
+                    return decode_gemv_reference(*args)
+                if prologue == Prologue.SWIGLU:
+                    return decode_gemv_swiglu_reference(*args)
+                if prologue == Prologue.RESIDUAL_NORM:
+                    return decode_gemv_residual_norm_reference(*args[:4], eps)[0]
+                return decode_gemv_lm_head_reference(*args, eps)[0]
+
+            def oracle(*args, reference=reference):
+                return reference(*(a.double() if isinstance(a, torch.Tensor) else a for a in args))
+
+            cases.append(Case(
+                "decode_gemv_int4", "decode", {"W": name, "M": m, "N": n, "K": k},
+                decode_gemv_cost(m, n, k, dtype, prologue, argmax=name == "lm_head", weight_format=WeightFormat.INT4),
+                make_set, oracle,
+                [Candidate(TRITON, kernel), Candidate(EAGER, reference, compile=True, eager_baseline=True)],
+                shared=tuple(workspace)))
+    return cases
+
+
 BUILDERS = {
     "qk_norm_rope": qk_norm_rope_cases,
     "residual_rmsnorm": residual_rmsnorm_cases,
@@ -278,6 +345,7 @@ BUILDERS = {
     "attention_prefill": attention_prefill_cases,
     "attention_decode": attention_decode_cases,
     "int4_matmul": int4_matmul_cases,
+    "decode_gemv_int4": decode_gemv_int4_cases,
 }
 
 

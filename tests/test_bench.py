@@ -13,7 +13,7 @@ import pytest
 import torch
 
 from olmo2_fast.benchmarks.cli import NO_GPU
-from olmo2_fast.benchmarks.generate import grid_points
+from olmo2_fast.benchmarks.generate import engine_specs, floor_fractions, grid_points, kv_bytes_per_token, weight_bytes
 from olmo2_fast.benchmarks.kernel_cases import dense_matmul_cost
 from olmo2_fast.benchmarks.kernels import roofline
 from olmo2_fast.benchmarks.shapes import KERNELS
@@ -99,8 +99,9 @@ def test_bench_generate_smoke(tmp_path, capsys):
     out = _run(capsys, ["bench", "generate", "--smoke", "--int4", "--seq", "8", "--rep", "2",
                         "--json", str(tmp_path / "g.json"), "--csv", str(tmp_path / "g.csv")])
     header = next(line for line in out.out.splitlines() if line.startswith("engine "))
-    for column in ("TTFT ms", "decode ms/step", "tokens/s", "peak GB", "x HF tok/s"):
+    for column in ("TTFT ms", "decode ms/step", "tokens/s", "% floor", "peak GB", "x HF tok/s"):
         assert column in header
+    assert "% floor: weight + KV bytes per decode step / measured copy bandwidth" in out.out
     doc = json.loads((tmp_path / "g.json").read_text())
     assert doc["benchmark"] == "generate"
     _check_env(doc["environment"])
@@ -120,8 +121,39 @@ def test_bench_generate_smoke(tmp_path, capsys):
             assert row[f] == doc["environment"][f]
     ours = [r for r in rows if r["backend"] != "hf" and not r["interpreted"]]
     assert ours and all((r["vs_hf"] is not None) == with_hf for r in ours)
+    for row in (r for r in rows if r["backend"] != "hf"):
+        assert row["decode_bytes"] > 0 and row["floor_pct"] == pytest.approx(100 * row["floor_ms"] /
+                                                                             row["decode_ms_per_token"])
+        assert row["decode_path"] in (("torch",) if row["backend"] == "torch" else ("fused", "cublas"))
     with open(tmp_path / "g.csv") as f:
         assert len(list(csv.DictReader(f))) == len(rows)
+
+
+def test_decode_paths_and_the_bytes_a_decode_step_reads(tmp_path):
+    """--decode-path both gives the kernels a row per path (on a GPU each with and without graphs); a step's
+    floor bytes are the projections and lm_head as the engine holds them (int4: codes, scales, zeros), not
+    the embedding gather nor the norms, plus each row's KV cache."""
+    labels = [s.name for s in engine_specs(True, True, graphs=True, hf=False, decode_path="both")]
+    assert labels == [f"olmo2_fast triton{q} {path} {g}" for q in ("", " int4") for path in ("fused", "cublas")
+                      for g in ("graphs", "no-graphs")]
+    assert {s.decode_path for s in engine_specs(False, False, graphs=True, hf=True)} == {"auto"}
+    from checkpoints import make_checkpoint
+    from olmo2_fast import OLMo2
+    path = make_checkpoint(tmp_path, hidden_size=128, intermediate_size=256, num_attention_heads=2,
+                           num_key_value_heads=1, num_hidden_layers=2)
+    dense = OLMo2.from_pretrained(path, device="cpu", backend="torch").engine
+    cfg = dense.config
+    projections = cfg.num_hidden_layers * 128 * (cfg.q_width + 2 * cfg.kv_width + cfg.q_width + 2 * 256 + 256)
+    assert weight_bytes(dense) == 4 * (projections + cfg.vocab_size * 128)  # float32
+    int4 = OLMo2.from_pretrained(path, device="cpu", backend="torch", quantize="int4", quantize_lm_head=True).engine
+    assert weight_bytes(int4) == sum(n * k // 2 + 2 * (k // 128) * n * 4 for n, k in  # codes + float32 scales, zeros
+                                     [(cfg.q_width + 2 * cfg.kv_width, 128), (128, cfg.q_width), (512, 128), (128, 256)]
+                                     * cfg.num_hidden_layers + [(cfg.vocab_size, 128)])
+    assert kv_bytes_per_token(cfg, torch.bfloat16) == 2 * cfg.num_hidden_layers * cfg.kv_width * 2
+    rows = [dict(decode_bytes=2e9, decode_ms_per_token=1.0), dict(decode_bytes=None, decode_ms_per_token=1.0)]
+    floor_fractions(rows, bandwidth=4e12)
+    assert rows[0]["floor_ms"] == pytest.approx(0.5) and rows[0]["floor_pct"] == pytest.approx(50)
+    assert "floor_pct" not in rows[1]
 
 
 def test_cli_parses_lists_and_rejects_bad_values(capsys):
