@@ -92,6 +92,53 @@ def gpu_bf16_dots(monkeypatch):
     monkeypatch.setattr(interpreter.InterpreterBuilder, "create_dot", create_dot)
 
 
+@pytest.fixture(autouse=True)
+def interpreted_helpers_run_unpatched(monkeypatch):
+    """Let a @triton.jit helper called inside an interpreted launch skip re-patching triton.language.
+
+    Triton 3.6's interpreter patches the language modules a kernel sees when a launch starts
+    and restores them when it ends; but every call of a jit helper inside the kernel patches
+    them again (`InterpretedFunction.__call__` -> `_patch_lang`, ~3 ms: each builtin rewrapped),
+    and discards what it did. The fused decode kernels call ~15 helpers per program, so this
+    was ~40% of their interpreted time. A helper whose language modules the running launch has
+    already patched now calls straight through; any other still patches (nothing changes
+    for it). tests/test_interpreter_patches.py runs a kernel through a helper both ways.
+    """
+    if os.environ.get("TRITON_INTERPRET") != "1":
+        return
+    import triton.language as tl
+    from triton.runtime import interpreter
+
+    patched: set[int] = set()  # ids of the language modules the running launch has patched
+    patch_lang, restore = interpreter._patch_lang, interpreter._LangPatchScope.restore
+
+    def languages(fn):
+        return {id(v) for v in fn.__globals__.values() if v is tl or v is tl.core}
+
+    def launch_patch(fn):
+        scope = patch_lang(fn)
+        patched.update(languages(fn))
+        return scope
+
+    def launch_restore(self):
+        patched.clear()
+        return restore(self)
+
+    device_call = interpreter.InterpretedFunction.__call__
+
+    def helper_call(self, *args, **kwargs):
+        if not patched or not languages(self.fn) <= patched:
+            return device_call(self, *args, **kwargs)
+        try:
+            return self.rewrite()(*args, **kwargs)
+        except Exception as e:
+            raise interpreter.InterpreterError(repr(e)) from e
+
+    monkeypatch.setattr(interpreter, "_patch_lang", launch_patch)
+    monkeypatch.setattr(interpreter._LangPatchScope, "restore", launch_restore)
+    monkeypatch.setattr(interpreter.InterpretedFunction, "__call__", helper_call)
+
+
 @pytest.fixture
 def nan_allocations(monkeypatch):
     """Poison the outputs a launcher allocates itself: torch.empty/empty_like fill

@@ -69,3 +69,35 @@ def test_float32_to_bf16_rounds_to_nearest_even():
     out = torch.empty(x.shape, dtype=torch.bfloat16, device=DEVICE)
     _to_bf16_kernel[(1,)](out, x, len(x))
     assert torch.equal(out.float(), x.to(torch.bfloat16).float())
+
+
+@triton.jit
+def _scaled(x, scale):
+    return x * scale
+
+
+@triton.jit
+def _helpers_kernel(out_ptr, x_ptr, N: tl.constexpr):
+    offs = tl.arange(0, N)
+    x = tl.load(x_ptr + offs)
+    tl.store(out_ptr + offs, _scaled(_scaled(x, 2.0), 3.0) + _scaled(tl.sum(x), 0.5))
+
+
+@pytest.mark.skipif(not INTERPRETED, reason="checks the interpreter's patching of triton.language")
+def test_helpers_inside_a_launch_run_on_the_launch_patches(monkeypatch):
+    """conftest's interpreted_helpers_run_unpatched: the language is patched once per launch (not once per
+    helper call), the helpers compute what they did, and the launch leaves triton.language as it found it."""
+    from triton.runtime import interpreter
+    patches = []
+    launch_patch = interpreter._patch_lang
+    monkeypatch.setattr(interpreter, "_patch_lang", lambda fn: patches.append(fn.__name__) or launch_patch(fn))
+    builtin_before = tl.sum
+    x = torch.randn(32, device=DEVICE)
+    out = torch.empty_like(x)
+    for _ in range(2):
+        _helpers_kernel[(4,)](out, x, 32)
+    # Per launch: the kernel's patch, then one for tl.sum (a jit function whose module sees triton.language.core,
+    # which the kernel's module does not); the other 11 helper calls of the 4 programs patch nothing.
+    assert patches == ["_helpers_kernel", "sum"] * 2
+    torch.testing.assert_close(out, 6 * x + 0.5 * x.sum(), rtol=1e-6, atol=1e-6)
+    assert tl.sum is builtin_before
