@@ -6,16 +6,19 @@ exceptions, both the same math: attention_reference loops over sequences on the 
 attention baseline is HF's eager attention batched (`attention_eager`), which can be compiled
 and captured; and int4 is compared with the unfused `dequantize_int4` + matmul it replaces and
 with a plain matmul of the unquantised weight (what int4 has to beat). Attention also gets
-PyTorch's fused `scaled_dot_product_attention` (HF's default implementation). The int4 decode
-GEMV (`decode_gemv_int4`) runs each projection with its fused decode step's prologue, against
-the unfused eager sequence on the dequantised weights; its cost is decode_gemv_cost's, so the
-roofline column is the fraction of the int4 floor (codes, scales and zeros read once).
+PyTorch's fused `scaled_dot_product_attention` (HF's default implementation). The fused decode
+step's kernels run against what they replace: the decode GEMV (`decode_gemv`, dense, and
+`decode_gemv_int4`) runs each projection with its fused prologue, against the unfused eager
+sequence (on the dequantised weights for int4; its roofline is the int4 floor: codes, scales
+and zeros read once); `fused_attention_decode` against the unfused kernels (qk_norm_rope, then
+attention_decode) and their eager twins.
 
 Input sets: `Case.make_set(i)` builds the i-th set of fresh random data (never zeros); tensors
 a call only writes a few rows of (the KV cache of qk_norm_rope) are shared by all sets.
 """
 from __future__ import annotations
 
+import functools
 from dataclasses import dataclass, field
 from typing import Callable, Iterator
 
@@ -29,6 +32,9 @@ from olmo2_fast.kernels.decode_gemv import (DECODE_MAX_ROWS, Prologue, WeightFor
                                             decode_gemv_lm_head, decode_gemv_lm_head_reference, decode_gemv_reference,
                                             decode_gemv_residual_norm, decode_gemv_residual_norm_reference,
                                             decode_gemv_swiglu, decode_gemv_swiglu_reference, decode_gemv_workspace)
+from olmo2_fast.kernels.fused_attention_decode import (fused_attention_decode, fused_attention_decode_cost,
+                                                       fused_attention_decode_reference,
+                                                       fused_attention_decode_workspace)
 from olmo2_fast.kernels.int4_format import Int4Weight, dequantize_int4, quantize_int4
 from olmo2_fast.kernels.int4_matmul import DECODE_MAX_M, int4_matmul, int4_matmul_cost
 from olmo2_fast.kernels.qk_norm_rope import qk_norm_rope, qk_norm_rope_cost, qk_norm_rope_reference
@@ -241,6 +247,51 @@ def attention_decode_cases(cfg, dtype, device, grid: Grid) -> list[Case]:
             for ctx in grid.contexts for b in grid.batches]
 
 
+def fused_attention_decode_cases(cfg: Olmo2Config, dtype, device, grid: Grid) -> list[Case]:
+    """The fused decode step's attention (all-heads QK-norm, RoPE, cache write, split-KV, combine: one
+    launch) at each decode batch and context, against the unfused kernels it replaces (qk_norm_rope then
+    attention_decode, with its reduce launch) and their eager PyTorch (qk_norm_rope_reference, then
+    attention_eager, which attends the whole cache: so the new token takes the cache's last slot)."""
+    cases = []
+    rope = dict(eps=cfg.rms_norm_eps, rope_theta=cfg.rope_theta, rope_scaling_factor=cfg.rope_scaling_factor)
+    d, n_q, n_kv = cfg.head_dim, cfg.num_attention_heads, cfg.num_key_value_heads
+    for context in grid.contexts:
+        for batch in grid.batches:
+            g = _generator(device, 0)
+            rows = torch.arange(batch, dtype=torch.int32, device=device)
+            kv_lens = torch.full((batch,), context, dtype=torch.int32, device=device)
+            shared = (_norm_weight(cfg.q_width, dtype, g, device), _norm_weight(cfg.kv_width, dtype, g, device),
+                      kv_lens, _randn((batch, n_kv, context, d), dtype, g, device),
+                      _randn((batch, n_kv, context, d), dtype, g, device), rows)
+            workspace = fused_attention_decode_workspace(batch, n_q, n_kv, d, context, device)
+
+            def make_set(i, batch=batch, shared=shared):
+                qkv = _randn((batch, cfg.q_width + 2 * cfg.kv_width), dtype, _generator(device, 1000 + i), device)
+                return (qkv, *shared[:5])
+
+            def fused(qkv, wq, wk, kv_lens, k_cache, v_cache, workspace=workspace):
+                return fused_attention_decode(qkv, wq, wk, kv_lens, k_cache, v_cache, workspace, **rope)
+
+            def unfused(qkv, wq, wk, kv_lens, k_cache, v_cache, rows=rows):
+                q = qk_norm_rope(qkv, wq, wk, kv_lens - 1, rows, k_cache, v_cache, **rope)
+                return attention_decode(q, k_cache, v_cache, kv_lens).flatten(1)
+
+            def eager(qkv, wq, wk, kv_lens, k_cache, v_cache, rows=rows):
+                q = qk_norm_rope_reference(qkv, wq, wk, kv_lens - 1, rows, k_cache, v_cache, **rope)
+                return attention_eager(q, k_cache, v_cache).flatten(1)
+
+            def oracle(qkv, wq, wk, kv_lens, k_cache, v_cache):
+                return eager(qkv.double(), wq.double(), wk.double(), kv_lens, k_cache.double(), v_cache.double())
+
+            cases.append(Case(
+                "fused_attention_decode", "decode", {"B": batch, "ctx": context},
+                fused_attention_decode_cost([context] * batch, n_q, n_kv, d, dtype), make_set, oracle,
+                [Candidate(TRITON, fused), Candidate("triton unfused", unfused),
+                 Candidate(EAGER, eager, compile=True, eager_baseline=True)],
+                shared=shared + tuple(workspace)))
+    return cases
+
+
 def projections(cfg: Olmo2Config) -> dict[str, tuple[int, int]]:
     """The model's linear layers as (N, K) = (out_features, in_features), fused as model.py fuses them."""
     return {"qkv": (cfg.q_width + 2 * cfg.kv_width, cfg.hidden_size), "o": (cfg.hidden_size, cfg.q_width),
@@ -278,11 +329,13 @@ def int4_matmul_cases(cfg: Olmo2Config, dtype, device, grid: Grid, names=None) -
     return cases
 
 
-def decode_gemv_int4_cases(cfg: Olmo2Config, dtype, device, grid: Grid) -> list[Case]:
-    """The int4 decode GEMV of each projection with the prologue the fused decode step gives it (qkv and
+def decode_gemv_cases(cfg: Olmo2Config, dtype, device, grid: Grid,
+                      weight_format: WeightFormat = WeightFormat.DENSE) -> list[Case]:
+    """The decode GEMV of each projection with the prologue the fused decode step gives it (qkv and
     gate_up: residual + post-norm; o: none; down: SwiGLU; lm_head: the final norm and the greedy argmax),
-    at each decode batch (<= 16 rows), against the unfused eager sequence on dequantised weights. One
-    workspace per case, made once (as the fused step does)."""
+    at each decode batch (<= 16 rows), dense or int4 weights, against the unfused eager sequence (on the
+    dequantised weights for int4). One workspace per case, made once (as the fused step does)."""
+    kernel_name = "decode_gemv" if weight_format == WeightFormat.DENSE else "decode_gemv_int4"
     cases, eps = [], cfg.rms_norm_eps
     shapes = dict(projections(cfg), lm_head=(cfg.vocab_size, cfg.hidden_size))
     prologues = dict(qkv=Prologue.RESIDUAL_NORM, o=Prologue.NONE, gate_up=Prologue.RESIDUAL_NORM, down=Prologue.SWIGLU,
@@ -294,7 +347,9 @@ def decode_gemv_int4_cases(cfg: Olmo2Config, dtype, device, grid: Grid) -> list[
 
             def make_set(i, m=m, n=n, k=k, prologue=prologue):
                 g = _generator(device, 1000 + i)
-                qw = quantize_int4(_randn((n, k), dtype, g, device, scale=k ** -0.5))
+                qw = _randn((n, k), dtype, g, device, scale=k ** -0.5)
+                if weight_format == WeightFormat.INT4:
+                    qw = quantize_int4(qw)
                 if prologue == Prologue.NONE:
                     return _randn((m, k), dtype, g, device), qw
                 if prologue == Prologue.SWIGLU:
@@ -330,8 +385,8 @@ def decode_gemv_int4_cases(cfg: Olmo2Config, dtype, device, grid: Grid) -> list[
                 return reference(*(a.double() if isinstance(a, torch.Tensor) else a for a in args))
 
             cases.append(Case(
-                "decode_gemv_int4", "decode", {"W": name, "M": m, "N": n, "K": k},
-                decode_gemv_cost(m, n, k, dtype, prologue, argmax=name == "lm_head", weight_format=WeightFormat.INT4),
+                kernel_name, "decode", {"W": name, "M": m, "N": n, "K": k},
+                decode_gemv_cost(m, n, k, dtype, prologue, argmax=name == "lm_head", weight_format=weight_format),
                 make_set, oracle,
                 [Candidate(TRITON, kernel), Candidate(EAGER, reference, compile=True, eager_baseline=True)],
                 shared=tuple(workspace)))
@@ -345,7 +400,9 @@ BUILDERS = {
     "attention_prefill": attention_prefill_cases,
     "attention_decode": attention_decode_cases,
     "int4_matmul": int4_matmul_cases,
-    "decode_gemv_int4": decode_gemv_int4_cases,
+    "decode_gemv": decode_gemv_cases,
+    "decode_gemv_int4": functools.partial(decode_gemv_cases, weight_format=WeightFormat.INT4),
+    "fused_attention_decode": fused_attention_decode_cases,
 }
 
 

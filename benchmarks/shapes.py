@@ -18,7 +18,7 @@ SMOKE_CONFIG = Olmo2Config(
 
 # The kernels `bench kernels` covers (kernel_cases.BUILDERS), in the order of a decoder layer.
 KERNELS = ("qk_norm_rope", "attention_prefill", "attention_decode", "residual_rmsnorm", "swiglu", "int4_matmul",
-           "decode_gemv_int4")
+           "decode_gemv", "decode_gemv_int4", "fused_attention_decode")
 
 
 def model_config(size: str, smoke: bool) -> Olmo2Config:

@@ -67,6 +67,8 @@ def test_bench_kernels_smoke(tmp_path, capsys):
         expected = ["triton", "torch eager", "torch.compile"]
         if kernel.startswith("attention"):
             expected.append("torch sdpa")
+        if kernel == "fused_attention_decode":
+            expected = ["triton", "triton unfused", "torch eager", "torch.compile"]
         if kernel == "int4_matmul":
             expected = ["triton", "torch dequant+matmul", "torch.compile", "torch float32 matmul" if not ON_GPU
                         else "torch bfloat16 matmul"]
