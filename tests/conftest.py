@@ -22,6 +22,8 @@ import pytest  # noqa: E402
 def pytest_configure(config):
     config.addinivalue_line("markers", "heavy: large shapes; runs natively on a GPU, under the interpreter only with OLMO2_FAST_HEAVY=1")
     config.addinivalue_line("markers", "cuda: needs a CUDA GPU")
+    config.addinivalue_line("markers", "h100_plan: under the interpreter, plan the kernels for an H100's 132 SMs "
+                                       "(launch-plan tests); other model-level tests plan for 8")
 
 
 def pytest_collection_modifyitems(config, items):
@@ -137,6 +139,27 @@ def interpreted_helpers_run_unpatched(monkeypatch):
     monkeypatch.setattr(interpreter, "_patch_lang", launch_patch)
     monkeypatch.setattr(interpreter._LangPatchScope, "restore", launch_restore)
     monkeypatch.setattr(interpreter.InterpretedFunction, "__call__", helper_call)
+
+
+@pytest.fixture(autouse=True)
+def interpreter_plans_for_eight_sms(request, monkeypatch):
+    """Model-level tests under the interpreter plan the kernels for an 8-SM card, not an H100.
+
+    Without a GPU the kernels plan as for an H100 (kernels/attention.py `_sm_count`), and the
+    interpreter runs every program of a launch in turn: the fused decode step's 132-SM grids
+    (split-K, split-KV) make a tiny model's decode step take seconds. The numerics do not depend
+    on the split count (the kernel tests sweep it), so tests of models, generation and serving
+    plan for 8 SMs. The kernel tests (tests/test_kernel_*.py) keep the H100 plan, and so does any
+    test marked h100_plan (the launch budget and grid fill at the published widths).
+    """
+    if os.environ.get("TRITON_INTERPRET") != "1" or request.node.get_closest_marker("h100_plan") \
+            or request.module.__name__.startswith("test_kernel_"):
+        return
+    import olmo2_fast.kernels.attention as attention
+    import olmo2_fast.kernels.decode_gemv as gemv
+    import olmo2_fast.kernels.fused_attention_decode as fused_attention
+    for module in (attention, gemv, fused_attention):
+        monkeypatch.setattr(module, "_sm_count", lambda device: 8)
 
 
 @pytest.fixture

@@ -29,19 +29,6 @@ INT4_SHAPE = dict(hidden_size=128, intermediate_size=128, num_attention_heads=4,
 PROMPTS = ["The capital of France is", "Once upon a time", "A key-value cache keeps the keys of earlier tokens"]
 
 
-@pytest.fixture(autouse=True)
-def few_sms(request, monkeypatch):
-    """Plan the kernels for an 8-SM card: under the interpreter every program runs in turn, and the
-    132-SM plan's hundreds of programs per launch make a tiny model's step take seconds. The launch
-    budget test keeps the H100 plan."""
-    if "published" in request.node.name or not INTERPRETED:
-        return
-    import olmo2_fast.kernels.decode_gemv as gemv
-    import olmo2_fast.kernels.fused_attention_decode as attention
-    for module in (gemv, attention):
-        monkeypatch.setattr(module, "_sm_count", lambda device: 8)
-
-
 @pytest.fixture(scope="module", params=sorted(SHAPES))
 def checkpoint(request, tmp_path_factory):
     return make_checkpoint(tmp_path_factory.mktemp(request.param), seed=41, max_position_embeddings=64,
@@ -211,6 +198,7 @@ def published_engine(name: str, weights: str = "bf16") -> Olmo2Fast:
                      decode_path="fused", greedy_vocab=100278)
 
 
+@pytest.mark.h100_plan
 @pytest.mark.skipif(not INTERPRETED, reason="records launches through Triton's interpreter")
 @pytest.mark.parametrize("weights", ["bf16", "int4"])
 @pytest.mark.parametrize("context", [512, 4000])
