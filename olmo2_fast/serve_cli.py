@@ -103,5 +103,24 @@ def cmd_serve(args) -> int:
     print(f"[olmo2-fast] serving {name!r} at http://{shown}:{port}/v1 (max batch {args.max_batch_size}, "
           f"queue {args.max_queue}{', API key required' if args.api_key else ''}); Ctrl-C stops",
           file=sys.stderr, flush=True)
-    uvicorn.Server(uvicorn.Config(app, log_level="warning", timeout_graceful_shutdown=5)).run(sockets=[sock])
-    return 0
+    server = _signalled_server_class()(uvicorn.Config(app, log_level="warning", timeout_graceful_shutdown=5))
+    server.run(sockets=[sock])
+    return 0 if server.stopped_by is None else 128 + server.stopped_by  # Ctrl-C: 130, as the other commands
+
+
+def _signalled_server_class():
+    import uvicorn
+
+    class SignalledServer(uvicorn.Server):
+        """uvicorn's server, remembering the signal that stopped it. uvicorn re-raises that signal after
+        its graceful shutdown, which gives the CLI's Ctrl-C status only where SIGINT was not ignored when
+        the process started (e.g. not under `olmo2-fast serve &` in a script): the status comes from here."""
+
+        stopped_by: int | None = None
+
+        def handle_exit(self, sig, frame):
+            if self.stopped_by is None:
+                self.stopped_by = int(sig)
+            super().handle_exit(sig, frame)
+
+    return SignalledServer
