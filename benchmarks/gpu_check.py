@@ -182,8 +182,11 @@ def run_step(step: Step, cap_s: float, log) -> StepResult:
     log.flush()
     start = time.monotonic()
     env = {**os.environ, "PYTHONUNBUFFERED": "1"}
+    # A shell that starts gpu_check in the background leaves SIGINT ignored, and a step would inherit
+    # that and sleep through the SIGINT below: each step starts with SIGINT at its default.
     proc = subprocess.Popen(step.argv, cwd=ROOT, stdout=log, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL,
-                            env=env, start_new_session=True)
+                            env=env, start_new_session=True,
+                            preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL))
     timed_out = False
     try:
         proc.wait(timeout=max(cap_s - INTERRUPT_GRACE_S, 1))
@@ -255,9 +258,6 @@ def outdir_problems(outdir: Path) -> list[str]:
 
 def run(outdir: Path, workdir: Path) -> int:
     start = time.monotonic()
-    # A shell that starts this in the background leaves SIGINT ignored, and the steps would inherit
-    # that: with Python's own handler here, each step starts with the default and can be interrupted.
-    signal.signal(signal.SIGINT, signal.default_int_handler)
     env = environment()
     steps = build_plan(outdir, workdir, xdist=importlib.util.find_spec("xdist") is not None)
     with open(outdir / LOG, "ab") as log:
