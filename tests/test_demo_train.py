@@ -10,6 +10,8 @@ from pathlib import Path
 import pytest
 import torch
 
+from harness import DEVICE
+
 import olmo2_fast
 from olmo2_fast import OLMo2, demo_train
 from olmo2_fast.demo_corpus import CORPUS_SHA256, PINNED_PYTHON, Corpus, build_corpus, chat_example, python_version
@@ -132,8 +134,8 @@ def test_shipped_target_writes_english(shipped):
 
 def test_shipped_target_runs_on_the_kernels(shipped):
     ids = torch.tensor([shipped["target"].tokenizer.encode('The "with" statement is used to wrap')])
-    kernels = OLMo2.from_pretrained(SHIPPED / "target", device="cpu", backend="triton")
-    torch.testing.assert_close(kernels(ids), shipped["target"](ids), rtol=1e-4, atol=1e-4)
+    kernels = OLMo2.from_pretrained(SHIPPED / "target", device=DEVICE, backend="triton")
+    torch.testing.assert_close(kernels(ids.to(DEVICE)).cpu(), shipped["target"](ids), rtol=1e-4, atol=1e-4)
 
 
 def test_the_corpus_ignores_what_third_party_imports_attach_to_the_stdlib():

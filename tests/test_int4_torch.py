@@ -7,6 +7,7 @@ import pytest
 import torch
 
 from checkpoints import make_checkpoint
+from harness import DEVICE
 from olmo2_fast import OLMo2
 from olmo2_fast.kernels.int4_format import dequantize_int4, quantize_int4
 
@@ -37,13 +38,13 @@ def test_int4_checkpoints_move_between_backends(tmp_path):
     assert reloaded.config.quantization == "olmo2_fast_int4"
     # The packed layout is one format: the torch backend writes what the kernels read, tensor for tensor.
     from safetensors.torch import load_file
-    _, from_kernels = OLMo2.from_pretrained(source, device="cpu", backend="triton",
+    _, from_kernels = OLMo2.from_pretrained(source, device=DEVICE, backend="triton",
                                             quantize="int4").engine.checkpoint_tensors()
     written = {}
     for shard in saved.glob("model-*.safetensors"):
         written.update(load_file(shard))
     assert set(written) == set(from_kernels)
-    assert all(torch.equal(written[k], from_kernels[k]) for k in written)
+    assert all(torch.equal(written[k], from_kernels[k].cpu()) for k in written)
 
 
 def _legacy_qweight(packed: torch.Tensor) -> torch.Tensor:
@@ -81,5 +82,5 @@ def test_checkpoints_in_the_previous_layout_load_repacked(tmp_path, layout):
     torch.testing.assert_close(old(ids), model(ids), rtol=0, atol=0)
     again = old.save_pretrained(tmp_path / "again")
     assert json.loads((again / "config.json").read_text())["quantization_config"]["layout"] == INT4.layout
-    on_kernels = OLMo2.from_pretrained(saved, device="cpu", backend="triton")
-    torch.testing.assert_close(on_kernels(ids), model(ids), rtol=1e-4, atol=1e-4)
+    on_kernels = OLMo2.from_pretrained(saved, device=DEVICE, backend="triton")
+    torch.testing.assert_close(on_kernels(ids.to(DEVICE)).cpu(), model(ids), rtol=1e-4, atol=1e-4)

@@ -10,6 +10,7 @@ import pytest
 import torch
 
 from checkpoints import make_checkpoint
+from harness import DEVICE
 from olmo2_fast import OLMo2
 from olmo2_fast.config import PRESETS
 from olmo2_fast.errors import CheckpointError, ConfigError
@@ -118,11 +119,11 @@ def test_a_quantised_lm_head_loads_saves_and_reloads_on_both_backends(tmp_path, 
     reloaded = OLMo2.from_pretrained(saved, device="cpu", backend="torch")
     assert checkpoint_quantizes_lm_head(reloaded.config)
     torch.testing.assert_close(reloaded(ids), got, rtol=0, atol=0)
-    kernels = OLMo2.from_pretrained(saved, device="cpu", backend="triton")
+    kernels = OLMo2.from_pretrained(saved, device=DEVICE, backend="triton")
     assert isinstance(kernels.engine.lm_head, Int4Weight)
     _, from_kernels = kernels.engine.checkpoint_tensors()
-    assert set(from_kernels) == set(written) and all(torch.equal(from_kernels[k], written[k]) for k in written)
-    torch.testing.assert_close(kernels(ids), got, rtol=1e-4, atol=1e-4)
+    assert set(from_kernels) == set(written) and all(torch.equal(from_kernels[k].cpu(), written[k]) for k in written)
+    torch.testing.assert_close(kernels(ids.to(DEVICE)).cpu(), got, rtol=1e-4, atol=1e-4)
 
 
 def test_quantize_lm_head_is_refused_where_it_cannot_apply(tmp_path):
@@ -133,10 +134,10 @@ def test_quantize_lm_head_is_refused_where_it_cannot_apply(tmp_path):
     with pytest.raises(ConfigError, match="quantize_lm_head must be True or False, got 'yes'"):
         OLMo2.from_pretrained(path, device="cpu", backend="torch", quantize="int4", quantize_lm_head="yes")
     saved = OLMo2.from_pretrained(path, device="cpu", backend="torch", quantize="int4").save_pretrained(tmp_path / "q")
-    for backend in ("torch", "triton"):
+    for device, backend in (("cpu", "torch"), (DEVICE, "triton")):
         with pytest.raises(CheckpointError, match=r"already quantised \(olmo2_fast_int4\): load it without quantize= "
                                                   "and quantize_lm_head="):
-            OLMo2.from_pretrained(saved, device="cpu", backend=backend, quantize_lm_head=True)
+            OLMo2.from_pretrained(saved, device=device, backend=backend, quantize_lm_head=True)
     odd = make_checkpoint(tmp_path / "odd", seed=14, vocab_size=452, **INT4_SHAPE)
     with pytest.raises(CheckpointError, match="vocab_size divisible by 8; this model has vocab_size=452"):
         OLMo2.from_pretrained(odd, device="cpu", backend="torch", quantize="int4", quantize_lm_head=True)
