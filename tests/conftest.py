@@ -104,7 +104,8 @@ def interpreted_helpers_run_unpatched(monkeypatch):
     and discards what it did. The fused decode kernels call ~15 helpers per program, so this
     was ~40% of their interpreted time. A helper whose language modules the running launch has
     already patched now calls straight through; any other still patches (nothing changes
-    for it). tests/test_interpreter_patches.py runs a kernel through a helper both ways.
+    for it). tests/test_interpreter_patches.py checks that a launch with helpers patches once
+    and computes what it did.
     """
     if os.environ.get("TRITON_INTERPRET") != "1":
         return
