@@ -57,7 +57,7 @@ def _generation_options(args) -> dict:
 
 def quantize_options(args) -> dict:
     """from_pretrained's quantisation arguments from --int4 / --int4-lm-head (which implies --int4)."""
-    lm_head = getattr(args, "int4_lm_head", False)
+    lm_head = args.int4_lm_head
     return dict(quantize="int4" if args.int4 or lm_head else None, quantize_lm_head=lm_head)
 
 

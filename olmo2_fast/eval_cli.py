@@ -70,14 +70,15 @@ def cmd_perplexity(args) -> int:
 
 
 def cmd_compare(args) -> int:
+    from .cli import quantize_label
     from .errors import EvaluationError
     from .evaluate import compare
 
+    if args.int4_lm_head and not args.int4:
+        raise EvaluationError("--int4-lm-head compares against b quantised to int4: give --int4 too")
     text = _read_text(args.text)
     other = args.other or args.model
     # b first: if it runs the kernels on a CPU, Triton's interpreter must be switched on before anything imports triton
-    if args.int4_lm_head and not args.int4:
-        raise EvaluationError("--int4-lm-head compares against b quantised to int4: give --int4 too")
     b = _load(args, other, backend=args.backend or "auto", quantized=True)
     a = _load(args, args.model, backend="auto", quantized=False)
     if args.backend and a.backend == b.backend:
@@ -85,9 +86,8 @@ def cmd_compare(args) -> int:
                               "compare against the other one")
     result = compare(a, b, text, max_len=args.max_len, stride=args.stride, batch_size=args.batch_size)
     names = _describe(a, args.model, None), _describe(b, other, args)
-    for tag, name in zip("ab", names):
-        quantized = ", int4" + (" (lm_head too)" if name["int4_lm_head"] else "") if name["int4"] else ""
-        print(f"{tag}: {name['path']} ({name['dtype']}, backend {name['backend']}{quantized})")
+    for tag, name, label in zip("ab", names, ("", quantize_label(args))):
+        print(f"{tag}: {name['path']} ({name['dtype']}, backend {name['backend']}{label})")
     print(f"{'':16} {'a':>10} {'b':>10}")
     print(f"{'perplexity':16} {result.a.perplexity:10.4f} {result.b.perplexity:10.4f}")
     print(f"{'bits per byte':16} {result.a.bits_per_byte:10.4f} {result.b.bits_per_byte:10.4f}")
