@@ -344,6 +344,7 @@ def decode_gemv_cases(cfg: Olmo2Config, dtype, device, grid: Grid,
         prologue = prologues[name]
         for m in [b for b in grid.batches if b <= DECODE_MAX_ROWS]:
             workspace = decode_gemv_workspace([(n, k)], dtype, device, max_rows=m)
+            next_ids = torch.empty(m, dtype=torch.int64, device=device)  # the argmax epilogue's output, made once
 
             def make_set(i, m=m, n=n, k=k, prologue=prologue):
                 g = _generator(device, 1000 + i)
@@ -359,7 +360,7 @@ def decode_gemv_cases(cfg: Olmo2Config, dtype, device, grid: Grid,
                     return (*rows, _norm_weight(k, dtype, g, device), qw, torch.empty_like(rows[0]))
                 return (*rows, _norm_weight(k, dtype, g, device), _norm_weight(k, dtype, g, device), qw)
 
-            def kernel(*args, prologue=prologue, workspace=workspace):
+            def kernel(*args, prologue=prologue, workspace=workspace, next_ids=next_ids):
                 if prologue == Prologue.NONE:
                     return decode_gemv(*args, workspace)
                 if prologue == Prologue.SWIGLU:
@@ -368,7 +369,6 @@ def decode_gemv_cases(cfg: Olmo2Config, dtype, device, grid: Grid,
                     residual, delta, norm, qw, residual_out = args
                     return decode_gemv_residual_norm(residual, delta, norm, qw, workspace, residual_out, eps=eps)
                 residual, delta, ff_norm, final_norm, qw = args
-                next_ids = torch.empty(residual.shape[0], dtype=torch.int64, device=residual.device)
                 return decode_gemv_lm_head(residual, delta, ff_norm, final_norm, qw, workspace, eps=eps,
                                            next_ids=next_ids)
 
@@ -389,7 +389,7 @@ def decode_gemv_cases(cfg: Olmo2Config, dtype, device, grid: Grid,
                 decode_gemv_cost(m, n, k, dtype, prologue, argmax=name == "lm_head", weight_format=weight_format),
                 make_set, oracle,
                 [Candidate(TRITON, kernel), Candidate(EAGER, reference, compile=True, eager_baseline=True)],
-                shared=tuple(workspace)))
+                shared=(*workspace, next_ids)))
     return cases
 
 
